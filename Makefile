@@ -1,0 +1,32 @@
+# One command sets everything up and runs the main job (`make demo`) or the tests (`make test`).
+#
+# Inside an activated virtual environment that already has torch (say a CUDA build on a GPU machine), that
+# environment and its torch are used. Otherwise a local .venv is created and torch is installed as
+# $(TORCH_SPEC) before the package, so that pip does not resolve a multi-GB CUDA build on a CPU machine.
+
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: setup demo test lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+setup: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+
+demo: setup
+	$(VENV)/bin/lorsa-hf demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check lorsa_hf tests
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache

@@ -1,0 +1,71 @@
+"""What the splicing code needs to know about one base-model architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class BaseAttention:
+    """The attention geometry and rotary settings of a base model, read from its config."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rotary_dim: int
+    rope_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Where the attention module of one architecture lives and how transformers calls it.
+
+    A new architecture is one new module in this package that builds one of these and registers it.
+    """
+
+    model_type: str
+    model_classes: tuple[str, ...]
+    attention_attribute: str
+    """Attribute of a decoder layer holding its attention module."""
+    input_norm_attribute: str
+    """Attribute of a decoder layer holding the norm whose output the attention module receives."""
+    cache_arguments: tuple[str, ...]
+    """Keyword names under which this architecture's decoder layer passes the KV cache, across 5.x releases."""
+
+    def describe(self, config: PreTrainedConfig) -> BaseAttention:
+        """Read the attention geometry and rotary settings from a base-model config."""
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        rope_parameters = dict(config.rope_parameters or {})
+        partial = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        return BaseAttention(
+            num_attention_heads=num_heads,
+            num_key_value_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rotary_dim=int(head_dim * (partial if partial is not None else 1.0)),
+            rope_parameters=rope_parameters,
+        )
+
+    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        """The decoder layers of a base model given as `*ForCausalLM` or as the bare `*Model`."""
+        inner = getattr(model, model.base_model_prefix, model)
+        layers = getattr(inner, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(
+                f"{type(model).__name__} has no decoder layers where a {self.model_type} model keeps them; "
+                f"pass one of {', '.join(self.model_classes)}."
+            )
+        return layers
+
+    def get_attention(self, model: PreTrainedModel, layer: int) -> nn.Module:
+        return getattr(self.decoder_layers(model)[layer], self.attention_attribute)
+
+    def set_attention(self, model: PreTrainedModel, layer: int, module: nn.Module) -> None:
+        setattr(self.decoder_layers(model)[layer], self.attention_attribute, module)
+
+    def get_input_norm(self, model: PreTrainedModel, layer: int) -> nn.Module:
+        return getattr(self.decoder_layers(model)[layer], self.input_norm_attribute)

@@ -1,0 +1,256 @@
+"""The Lorsa layer (LORSA.md section 1) and the `LorsaForReplacement` model that holds one per replaced layer."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from ._attention import group_attention
+from ._io import atomic_save_directory
+from ._rotary import LorsaRotaryEmbedding, apply_rotary
+from .configuration_lorsa import LorsaConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel as BaseModel
+
+
+@dataclass
+class LorsaLayerOutput(ModelOutput):
+    """Output of one Lorsa layer.
+
+    Args:
+        hidden_states: `ŷ` [B, T, d], the prediction of the attention block's output.
+        z: Every head's activation before selection [B, T, n_ov] (only when activations were requested).
+        top_k_values: The kept activations `a` [B, T, K] (signed `z` for `topk_abs`, `relu(z)` for `topk_relu`).
+        top_k_indices: The heads they belong to [B, T, K].
+    """
+
+    hidden_states: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    top_k_values: torch.Tensor | None = None
+    top_k_indices: torch.Tensor | None = None
+
+    def activations(self) -> torch.Tensor:
+        """The sparse activations `a` as a dense [B, T, n_ov] tensor (zero where a head was not selected)."""
+        if self.z is None or self.top_k_values is None or self.top_k_indices is None:
+            raise ValueError("Activations were not requested: call the layer with output_activations=True.")
+        return torch.zeros_like(self.z).scatter(-1, self.top_k_indices, self.top_k_values)
+
+
+class LorsaLayer(nn.Module):
+    """One Lorsa layer: `n_qk` QK groups of `g` one-dimensional OV heads, TopK-sparse per token.
+
+    Parameters (public format): W_Q, W_K [n_qk, d, d_qk]; b_Q, b_K [n_qk, d_qk]; W_V, W_O [n_ov, d];
+    b_V [n_ov]; b_O [d]; with `use_qk_norm` also q_norm_weight, k_norm_weight [n_qk, d_qk].
+    """
+
+    def __init__(self, config: LorsaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        d, n_qk, d_qk, n_ov = config.hidden_size, config.n_qk_heads, config.d_qk_head, config.n_ov_heads
+        self.W_Q = nn.Parameter(torch.empty(n_qk, d, d_qk))
+        self.b_Q = nn.Parameter(torch.empty(n_qk, d_qk))
+        self.W_K = nn.Parameter(torch.empty(n_qk, d, d_qk))
+        self.b_K = nn.Parameter(torch.empty(n_qk, d_qk))
+        self.W_V = nn.Parameter(torch.empty(n_ov, d))
+        self.b_V = nn.Parameter(torch.empty(n_ov))
+        self.W_O = nn.Parameter(torch.empty(n_ov, d))
+        self.b_O = nn.Parameter(torch.empty(d))
+        if config.use_qk_norm:
+            self.q_norm_weight = nn.Parameter(torch.empty(n_qk, d_qk))
+            self.k_norm_weight = nn.Parameter(torch.empty(n_qk, d_qk))
+        self.rotary_emb = LorsaRotaryEmbedding(config.rotary_dim, config.rope_parameters, config.max_position_embeddings)
+
+    def _qk_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMS norm over d_qk of each QK group, x [B, n_qk, T, d_qk], weight [n_qk, d_qk]."""
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        normed = (x.float() * torch.rsqrt(variance + self.config.qk_norm_eps)).to(x.dtype)
+        return normed * weight[None, :, None, :]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: Any = None,
+        cache: Cache | None = None,
+        output_activations: bool = False,
+    ) -> LorsaLayerOutput:
+        """Predict the attention block's output from its input `hidden_states` [B, T, d].
+
+        Args:
+            position_embeddings: The base model's `(cos, sin)` [B, T, rotary_dim]; when None the layer
+                computes its own from `position_ids` (default: positions after what `cache` holds).
+            attention_mask: Any mask transformers gives an attention module (None means causal).
+            cache: A transformers `Cache`; keys [B, n_qk, T, d_qk] and values [B, n_qk, T, g] are appended
+                at index `layer_idx`.
+            output_activations: Also return `z` and the selected activations.
+        """
+        config = self.config
+        batch_size, seq_len, _ = hidden_states.shape
+        n_qk, g = config.n_qk_heads, config.ov_group_size
+
+        # Projections: q, k [B, n_qk, T, d_qk]; v [B, n_qk, T, g] (the g scalar values of each group's heads)
+        query = torch.einsum("btd,hdk->bhtk", hidden_states, self.W_Q) + self.b_Q[None, :, None, :]
+        key = torch.einsum("btd,hdk->bhtk", hidden_states, self.W_K) + self.b_K[None, :, None, :]
+        value = F.linear(hidden_states, self.W_V, self.b_V).view(batch_size, seq_len, n_qk, g).transpose(1, 2)
+        if config.use_qk_norm:
+            query = self._qk_norm(query, self.q_norm_weight)
+            key = self._qk_norm(key, self.k_norm_weight)
+
+        if config.rotary_dim > 0:
+            if position_embeddings is None:
+                if position_ids is None:
+                    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+                    position_ids = torch.arange(past, past + seq_len, device=hidden_states.device)[None]
+                position_embeddings = self.rotary_emb(hidden_states, position_ids)
+            cos, sin = position_embeddings
+            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs)
+            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs)
+
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        # z_i[s] = sum_t A_h(i)[s, t] v_i[t]: one attention per QK group with value width g
+        z = group_attention(query, key, value, attention_mask, scale=1.0 / config.attn_scale)
+        z = z.transpose(1, 2).reshape(batch_size, seq_len, config.n_ov_heads)  # head i = group * g + j
+
+        # TopK selection weighted by the decoder norms, then a decode that reads only the K selected rows of W_O
+        decoder_norms = self.W_O.norm(dim=-1)
+        if config.activation == "topk_abs":
+            scores = z.abs() * decoder_norms
+        else:
+            scores = z.relu() * decoder_norms
+        top_k_indices = scores.topk(config.top_k, dim=-1, sorted=False).indices
+        top_k_values = z.gather(-1, top_k_indices)
+        if config.activation == "topk_relu":
+            top_k_values = top_k_values.relu()
+        output = self.decode(top_k_values, top_k_indices)
+
+        if not output_activations:
+            return LorsaLayerOutput(hidden_states=output)
+        return LorsaLayerOutput(hidden_states=output, z=z, top_k_values=top_k_values, top_k_indices=top_k_indices)
+
+    def decode(self, top_k_values: torch.Tensor, top_k_indices: torch.Tensor) -> torch.Tensor:
+        """ŷ = sum over the K selected heads of a_i W_O[i], plus b_O: [B, T, K] x2 -> [B, T, d]."""
+        k = top_k_indices.shape[-1]
+        output = F.embedding_bag(
+            top_k_indices.reshape(-1, k), self.W_O, per_sample_weights=top_k_values.reshape(-1, k), mode="sum"
+        )
+        return output.view(*top_k_indices.shape[:-1], -1) + self.b_O
+
+
+class LorsaPreTrainedModel(PreTrainedModel):
+    config_class = LorsaConfig
+    config: LorsaConfig
+    base_model_prefix = "lorsa"
+    main_input_name = "hidden_states"
+    _no_split_modules = ["LorsaLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random init: encoders N(0, 1/d), decoder rows of unit norm, biases zero."""
+        if isinstance(module, LorsaLayer):
+            std = 1.0 / math.sqrt(self.config.hidden_size)
+            for weight in (module.W_Q, module.W_K, module.W_V, module.W_O):
+                init.normal_(weight, mean=0.0, std=std)
+            for bias in (module.b_Q, module.b_K, module.b_V, module.b_O):
+                init.zeros_(bias)
+            if self.config.use_qk_norm:
+                init.ones_(module.q_norm_weight)
+                init.ones_(module.k_norm_weight)
+
+
+class LorsaForReplacement(LorsaPreTrainedModel):
+    """A set of Lorsa layers trained to replace the attention blocks `config.layers` of one base model.
+
+    Use it standalone on attention inputs (`forward`), or splice it into the base model so that the model's
+    own forward and `generate()` run with the Lorsa in place of attention (`splice` / `unsplice`).
+    """
+
+    def __init__(self, config: LorsaConfig) -> None:
+        super().__init__(config)
+        self.layers = nn.ModuleDict({str(layer): LorsaLayer(config, layer) for layer in config.layers})
+        self.post_init()
+
+    def layer(self, index: int) -> LorsaLayer:
+        """The Lorsa layer replacing base-model layer `index`."""
+        if str(index) not in self.layers:
+            raise KeyError(f"This Lorsa replaces layers {self.config.layers}, not layer {index}.")
+        return self.layers[str(index)]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layer: int | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: Any = None,
+        output_activations: bool = True,
+    ) -> LorsaLayerOutput:
+        """Run the Lorsa of base-model layer `layer` (default: the only one) on its attention input [B, T, d].
+
+        Positions default to 0..T-1 and the mask to plain causal attention.
+        """
+        if layer is None:
+            if len(self.config.layers) != 1:
+                raise ValueError(f"This Lorsa replaces layers {self.config.layers}: pass layer=... to choose one.")
+            layer = self.config.layers[0]
+        module = self.layer(layer)
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden_states must be [batch, seq, {self.config.hidden_size}], got {tuple(hidden_states.shape)}."
+            )
+        if hidden_states.dtype != module.W_Q.dtype:
+            raise TypeError(
+                f"hidden_states are {hidden_states.dtype} but the Lorsa is {module.W_Q.dtype}: "
+                "cast one of them (e.g. lorsa.to(dtype)) first."
+            )
+        return module(
+            hidden_states, position_ids=position_ids, attention_mask=attention_mask, output_activations=output_activations
+        )
+
+    def splice(self, model: BaseModel, layers: list[int] | None = None, move: bool = False) -> BaseModel:
+        """Replace, in place, the attention modules of `layers` (default: all of `config.layers`) of `model`
+        (a GPTNeoX or Llama `*ForCausalLM` / `*Model`) with these Lorsa layers, and return `model`.
+
+        The Lorsa must be on the base model's device and dtype; `move=True` moves it there instead.
+        """
+        from .splicing import splice
+
+        return splice(self, model, layers=layers, move=move)
+
+    def unsplice(self, model: BaseModel) -> BaseModel:
+        """Put back the attention modules that `splice` replaced; the model is then exactly as before."""
+        from .splicing import unsplice
+
+        return unsplice(model, self)
+
+    def save_pretrained(self, save_directory: str | Any, *args: Any, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained` (config.json + model.safetensors), written atomically: a killed
+        save never leaves a half-written checkpoint that loads. With `push_to_hub=True` the folder is then
+        uploaded (`repo_id` defaults to the folder's name; `commit_message`, `private`, `token`,
+        `revision`, `create_pr` are passed to `push_to_hub`)."""
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        with atomic_save_directory(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            self.push_to_hub(repo_id, **hub_kwargs)
+
+
+_HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr")
+
+
+__all__ = ["LorsaForReplacement", "LorsaLayer", "LorsaLayerOutput", "LorsaPreTrainedModel"]

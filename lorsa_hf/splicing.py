@@ -1,0 +1,182 @@
+"""Splicing Lorsa layers into a base model in place of its attention modules, and taking them out again."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .adapters import ArchitectureAdapter, get_adapter
+
+if TYPE_CHECKING:
+    from .modeling_lorsa import LorsaForReplacement, LorsaLayer
+
+
+class LorsaSplicedAttention(nn.Module):
+    """Stands in a base model's attention slot: called exactly like the module it replaced, it runs the Lorsa
+    layer on the same input and returns `(output, None)`.
+
+    Arguments are bound against the replaced module's own signature, so positional and keyword calls mean
+    what they meant to the original (GPTNeoX passes the cache as `layer_past`, Llama as `past_key_values` or
+    `cache` depending on the transformers release). The replaced module is kept, unregistered, for `unsplice`.
+    """
+
+    def __init__(
+        self, lorsa_layer: LorsaLayer, original: nn.Module, adapter: ArchitectureAdapter, use_base_rotary: bool
+    ) -> None:
+        super().__init__()
+        self.lorsa = lorsa_layer
+        self.layer_idx = lorsa_layer.layer_idx
+        self.use_base_rotary = use_base_rotary
+        self._cache_arguments = adapter.cache_arguments
+        self._signature = inspect.signature(original.forward)
+        object.__setattr__(self, "original_module", original)
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        bound = self._signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        for name, parameter in self._signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+        cache = next((arguments[name] for name in self._cache_arguments if arguments.get(name) is not None), None)
+        position_embeddings = arguments.get("position_embeddings") if self.use_base_rotary else None
+        output = self.lorsa(
+            arguments["hidden_states"],
+            position_embeddings=position_embeddings,
+            position_ids=arguments.get("position_ids"),
+            attention_mask=arguments.get("attention_mask"),
+            cache=cache,
+        )
+        return output.hidden_states, None
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, replaces={type(self.original_module).__name__}"
+
+
+def _first_floating_parameter(module: nn.Module) -> torch.Tensor | None:
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _rotary_matches(lorsa: LorsaForReplacement, adapter: ArchitectureAdapter, base_config: Any) -> bool:
+    """Whether the base model's `(cos, sin)` are exactly what the Lorsa's own rotary would compute."""
+    config = lorsa.config
+    base = adapter.describe(base_config)
+    ours = {k: v for k, v in config.rope_parameters.items() if k != "partial_rotary_factor"}
+    theirs = {k: v for k, v in base.rope_parameters.items() if k != "partial_rotary_factor"}
+    return config.rotary_dim == base.rotary_dim and ours == theirs
+
+
+def _check_compatible(lorsa: LorsaForReplacement, model: PreTrainedModel, layers: list[int]) -> ArchitectureAdapter:
+    config, base_config = lorsa.config, model.config
+    adapter = get_adapter(model)
+    if base_config.model_type != config.base_model_type:
+        raise ValueError(
+            f"Wrong base model: this Lorsa was trained for a {config.base_model_type!r} model "
+            f"({config.base_model_name_or_path or 'name not recorded'}), got a {base_config.model_type!r} model."
+        )
+    if base_config.hidden_size != config.hidden_size:
+        raise ValueError(
+            f"Wrong base model: hidden size {base_config.hidden_size} does not match the Lorsa's "
+            f"hidden_size {config.hidden_size} ({config.base_model_name_or_path or 'base model not recorded'})."
+        )
+    n_layers = len(adapter.decoder_layers(model))
+    if base_config.num_hidden_layers != config.num_hidden_layers or n_layers != config.num_hidden_layers:
+        raise ValueError(
+            f"Wrong base model: it has {n_layers} layers but the Lorsa was trained for one with "
+            f"{config.num_hidden_layers} ({config.base_model_name_or_path or 'base model not recorded'})."
+        )
+    for layer in layers:
+        if str(layer) not in lorsa.layers:
+            raise ValueError(f"Layer {layer} is not one this Lorsa replaces (it replaces {config.layers}).")
+        if not 0 <= layer < n_layers:
+            raise IndexError(f"Layer {layer} is out of range for a model with {n_layers} layers.")
+        if isinstance(adapter.get_attention(model, layer), LorsaSplicedAttention):
+            raise RuntimeError(
+                f"Layer {layer} of this model already holds a Lorsa; unsplice it first (lorsa.unsplice(model))."
+            )
+    return adapter
+
+
+def splice(
+    lorsa: LorsaForReplacement, model: PreTrainedModel, layers: list[int] | None = None, move: bool = False
+) -> PreTrainedModel:
+    """Replace the attention modules of `layers` of `model` with `lorsa`'s layers, in place; see
+    `LorsaForReplacement.splice`. Every check runs before anything is replaced."""
+    layers = list(lorsa.config.layers if layers is None else layers)
+    adapter = _check_compatible(lorsa, model, layers)
+    for layer in layers:
+        original = _first_floating_parameter(adapter.get_attention(model, layer))
+        ours = lorsa.layer(layer).W_Q
+        if original is not None and (original.device, original.dtype) != (ours.device, ours.dtype) and not move:
+            raise ValueError(
+                f"Layer {layer}: the Lorsa is on {ours.device}/{ours.dtype} but the base model is on "
+                f"{original.device}/{original.dtype}; move it (lorsa.to(...)) or pass move=True."
+            )
+    use_base_rotary = _rotary_matches(lorsa, adapter, model.config)
+    for layer in layers:
+        original = adapter.get_attention(model, layer)
+        lorsa_layer = lorsa.layer(layer)
+        reference = _first_floating_parameter(original)
+        if reference is not None:
+            lorsa_layer.to(device=reference.device, dtype=reference.dtype)
+        adapter.set_attention(model, layer, LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary))
+    return model
+
+
+def unsplice(model: PreTrainedModel, lorsa: LorsaForReplacement | None = None) -> PreTrainedModel:
+    """Put back the attention modules that a Lorsa replaced in `model` (only `lorsa`'s when given, else every
+    spliced layer), moved to the device and dtype the model has now, and return `model`."""
+    adapter = get_adapter(model)
+    spliced = []
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        module = getattr(layer, adapter.attention_attribute)
+        if not isinstance(module, LorsaSplicedAttention):
+            continue
+        if lorsa is None or (str(index) in lorsa.layers and module.lorsa is lorsa.layer(index)):
+            spliced.append((index, module))
+    if not spliced:
+        raise ValueError("No Lorsa of this kind is spliced into this model; nothing to unsplice.")
+    for index, module in spliced:
+        reference = module.lorsa.W_Q
+        adapter.set_attention(model, index, module.original_module.to(device=reference.device, dtype=reference.dtype))
+    return model
+
+
+def spliced_layers(model: PreTrainedModel) -> list[int]:
+    """Indices of the layers of `model` whose attention is currently a Lorsa."""
+    adapter = get_adapter(model)
+    return [
+        index
+        for index, layer in enumerate(adapter.decoder_layers(model))
+        if isinstance(getattr(layer, adapter.attention_attribute), LorsaSplicedAttention)
+    ]
+
+
+def load_spliced(
+    base: str | os.PathLike | PreTrainedModel,
+    lorsa: str | os.PathLike | LorsaForReplacement,
+    layers: list[int] | None = None,
+    *,
+    lorsa_subfolder: str = "",
+    lorsa_revision: str | None = None,
+    model_class: type = AutoModelForCausalLM,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """Load a base model and a Lorsa (each a local folder, a Hub repo id, or an already loaded model) and return
+    the base model with the Lorsa spliced into `layers` (default: all the Lorsa's layers).
+
+    `from_pretrained_kwargs` (`revision`, `subfolder`, `dtype`, `device_map`, `attn_implementation`, ...) go to
+    the base model's `from_pretrained`; `lorsa_subfolder` and `lorsa_revision` locate the Lorsa. The Lorsa is
+    moved to the base model's device and dtype.
+    """
+    from .modeling_lorsa import LorsaForReplacement
+
+    if not isinstance(base, PreTrainedModel):
+        base = model_class.from_pretrained(base, **from_pretrained_kwargs)
+    if not isinstance(lorsa, LorsaForReplacement):
+        lorsa = LorsaForReplacement.from_pretrained(lorsa, subfolder=lorsa_subfolder, revision=lorsa_revision)
+    return lorsa.splice(base, layers=layers, move=True)
