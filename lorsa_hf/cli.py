@@ -1,0 +1,37 @@
+"""The `lorsa-hf` command line. Each subcommand lives in its own module and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+Registrar = Callable[[argparse._SubParsersAction], None]
+
+
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="splice a random Lorsa into a tiny model, generate, unsplice")
+    parser.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from ._demo import run_demo
+
+        run_demo(seed=args.seed)
+        return 0
+
+    parser.set_defaults(func=run)
+
+
+SUBCOMMANDS: list[Registrar] = [_register_demo]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorsa-hf", description="Low-Rank Sparse Attention for transformers")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for register in SUBCOMMANDS:
+        register(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
