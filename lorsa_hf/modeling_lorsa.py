@@ -86,6 +86,7 @@ class LorsaLayer(nn.Module):
         attention_mask: Any = None,
         cache: Cache | None = None,
         output_activations: bool = False,
+        top_k: int | None = None,
     ) -> LorsaLayerOutput:
         """Predict the attention block's output from its input `hidden_states` [B, T, d].
 
@@ -96,8 +97,12 @@ class LorsaLayer(nn.Module):
             cache: A transformers `Cache`; keys [B, n_qk, T, d_qk] and values [B, n_qk, T, g] are appended
                 at index `layer_idx`.
             output_activations: Also return `z` and the selected activations.
+            top_k: Heads kept per token for this call (K annealing in training); defaults to `config.top_k`.
         """
         config = self.config
+        top_k = config.top_k if top_k is None else top_k
+        if not 0 < top_k <= config.n_ov_heads:
+            raise ValueError(f"top_k must be between 1 and n_ov_heads ({config.n_ov_heads}), got {top_k}.")
         batch_size, seq_len, _ = hidden_states.shape
         n_qk, g = config.n_qk_heads, config.ov_group_size
 
@@ -132,7 +137,7 @@ class LorsaLayer(nn.Module):
             scores = z.abs() * decoder_norms
         else:
             scores = z.relu() * decoder_norms
-        top_k_indices = scores.topk(config.top_k, dim=-1, sorted=False).indices
+        top_k_indices = scores.topk(top_k, dim=-1, sorted=False).indices
         top_k_values = z.gather(-1, top_k_indices)
         if config.activation == "topk_relu":
             top_k_values = top_k_values.relu()
@@ -198,6 +203,7 @@ class LorsaForReplacement(LorsaPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         attention_mask: Any = None,
         output_activations: bool = True,
+        top_k: int | None = None,
     ) -> LorsaLayerOutput:
         """Run the Lorsa of base-model layer `layer` (default: the only one) on its attention input [B, T, d].
 
@@ -218,7 +224,11 @@ class LorsaForReplacement(LorsaPreTrainedModel):
                 "cast one of them (e.g. lorsa.to(dtype)) first."
             )
         return module(
-            hidden_states, position_ids=position_ids, attention_mask=attention_mask, output_activations=output_activations
+            hidden_states,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            output_activations=output_activations,
+            top_k=top_k,
         )
 
     def splice(self, model: BaseModel, layers: list[int] | None = None, move: bool = False) -> BaseModel:
