@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from . import gpt_neox, llama
-from ._base import ArchitectureAdapter, BaseAttention
+from ._base import ArchitectureAdapter, AttentionWeights, BaseAttention
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {module.ADAPTER.model_type: module.ADAPTER for module in (gpt_neox, llama)}
 
@@ -25,4 +25,4 @@ def get_adapter(model_or_config: PreTrainedModel | PreTrainedConfig | str) -> Ar
     return ADAPTERS[model_type]
 
 
-__all__ = ["ADAPTERS", "ArchitectureAdapter", "BaseAttention", "get_adapter"]
+__all__ = ["ADAPTERS", "ArchitectureAdapter", "AttentionWeights", "BaseAttention", "get_adapter"]

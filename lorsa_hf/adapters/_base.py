@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
@@ -18,6 +20,24 @@ class BaseAttention:
     head_dim: int
     rotary_dim: int
     rope_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """One attention module's weights per head, in `x @ W` orientation (MHSA initialisation of a Lorsa).
+
+    q [n_heads, d, head_dim], k and v [n_kv_heads, d, head_dim], o [n_heads, head_dim, d]; biases None when
+    the module has none (q_bias [n_heads, head_dim], k_bias and v_bias [n_kv_heads, head_dim], o_bias [d]).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +55,8 @@ class ArchitectureAdapter:
     """Attribute of a decoder layer holding the norm whose output the attention module receives."""
     cache_arguments: tuple[str, ...]
     """Keyword names under which this architecture's decoder layer passes the KV cache, across 5.x releases."""
+    read_attention_weights: Callable[[nn.Module, BaseAttention], AttentionWeights] | None = None
+    """Splits an attention module's projections into per-head weights (see `attention_weights`)."""
 
     def describe(self, config: PreTrainedConfig) -> BaseAttention:
         """Read the attention geometry and rotary settings from a base-model config."""
@@ -69,3 +91,9 @@ class ArchitectureAdapter:
 
     def get_input_norm(self, model: PreTrainedModel, layer: int) -> nn.Module:
         return getattr(self.decoder_layers(model)[layer], self.input_norm_attribute)
+
+    def attention_weights(self, model: PreTrainedModel, layer: int) -> AttentionWeights:
+        """The per-head Q/K/V/O weights of the attention module of `layer`, detached, in float32."""
+        if self.read_attention_weights is None:
+            raise NotImplementedError(f"The {self.model_type} adapter cannot read attention weights per head yet.")
+        return self.read_attention_weights(self.get_attention(model, layer), self.describe(model.config))
