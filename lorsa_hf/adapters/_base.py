@@ -55,6 +55,9 @@ class ArchitectureAdapter:
     """Attribute of a decoder layer holding the norm whose output the attention module receives."""
     cache_arguments: tuple[str, ...]
     """Keyword names under which this architecture's decoder layer passes the KV cache, across 5.x releases."""
+    input_norm_has_bias: bool = False
+    """Whether that norm is a LayerNorm with a bias (GPT-NeoX) rather than an RMSNorm (Llama): importers that fold
+    the norm into a Lorsa trained on the normalised residual need both its gain and its bias."""
     read_attention_weights: Callable[[nn.Module, BaseAttention], AttentionWeights] | None = None
     """Splits an attention module's projections into per-head weights (see `attention_weights`)."""
 

@@ -28,5 +28,6 @@ ADAPTER = ArchitectureAdapter(
     attention_attribute="attention",
     input_norm_attribute="input_layernorm",
     cache_arguments=("layer_past", "past_key_values", "cache"),
+    input_norm_has_bias=True,
     read_attention_weights=_read_attention_weights,
 )
