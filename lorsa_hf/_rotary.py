@@ -48,7 +48,7 @@ class LorsaRotaryEmbedding(nn.Module):
                 init = ROPE_INIT_FUNCTIONS[rope_type]
             else:
                 raise ValueError(f"Unknown rope_type {rope_type!r}; transformers knows {sorted(ROPE_INIT_FUNCTIONS)}.")
-            inv_freq, scaling = init(config, device)
+            inv_freq, scaling = init(config, device=device)
             self._inv_freq[device] = (inv_freq.to(device), scaling)
         return self._inv_freq[device]
 

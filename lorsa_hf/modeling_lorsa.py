@@ -74,8 +74,8 @@ class LorsaLayer(nn.Module):
 
     def _qk_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMS norm over d_qk of each QK group, x [B, n_qk, T, d_qk], weight [n_qk, d_qk]."""
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        normed = (x.float() * torch.rsqrt(variance + self.config.qk_norm_eps)).to(x.dtype)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32, float64 stays float64
+        normed = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.config.qk_norm_eps)).to(x.dtype)
         return normed * weight[None, :, None, :]
 
     def forward(
