@@ -156,6 +156,9 @@ def spliced_layers(model: PreTrainedModel) -> list[int]:
     ]
 
 
+_SHARED_HUB_KWARGS = ("cache_dir", "token", "local_files_only")
+
+
 def load_spliced(
     base: str | os.PathLike | PreTrainedModel,
     lorsa: str | os.PathLike | LorsaForReplacement,
@@ -170,13 +173,16 @@ def load_spliced(
     the base model with the Lorsa spliced into `layers` (default: all the Lorsa's layers).
 
     `from_pretrained_kwargs` (`revision`, `subfolder`, `dtype`, `device_map`, `attn_implementation`, ...) go to
-    the base model's `from_pretrained`; `lorsa_subfolder` and `lorsa_revision` locate the Lorsa. The Lorsa is
-    moved to the base model's device and dtype.
+    the base model's `from_pretrained`; `lorsa_subfolder` and `lorsa_revision` locate the Lorsa; `cache_dir`,
+    `token` and `local_files_only` apply to both. The Lorsa is moved to the base model's device and dtype.
     """
     from .modeling_lorsa import LorsaForReplacement
 
     if not isinstance(base, PreTrainedModel):
         base = model_class.from_pretrained(base, **from_pretrained_kwargs)
     if not isinstance(lorsa, LorsaForReplacement):
-        lorsa = LorsaForReplacement.from_pretrained(lorsa, subfolder=lorsa_subfolder, revision=lorsa_revision)
+        hub_kwargs = {key: from_pretrained_kwargs[key] for key in _SHARED_HUB_KWARGS if key in from_pretrained_kwargs}
+        lorsa = LorsaForReplacement.from_pretrained(
+            lorsa, subfolder=lorsa_subfolder, revision=lorsa_revision, **hub_kwargs
+        )
     return lorsa.splice(base, layers=layers, move=True)
