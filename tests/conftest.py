@@ -1,0 +1,94 @@
+"""Tiny base models built from configs (no download) and Lorsas with weights large enough that TopK matters."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lorsa_hf import LorsaConfig, LorsaForReplacement
+
+VOCAB = 96
+
+
+def tiny_gpt_neox_config(**overrides) -> GPTNeoXConfig:
+    """GPTNeoX with partial rotary (rotary_pct 0.25 -> 4 of 16 dims) and parallel residual."""
+    values = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+        rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+        pad_token_id=1, attention_bias=True,
+    )
+    values.update(overrides)
+    return GPTNeoXConfig(**values)
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """Llama with grouped-query attention (4 heads, 2 KV heads) and llama3 rope scaling."""
+    values = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=128, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+        },
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+BASE_CONFIGS = {"gpt_neox": tiny_gpt_neox_config, "llama": tiny_llama_config}
+BASE_CLASSES = {"gpt_neox": GPTNeoXForCausalLM, "llama": LlamaForCausalLM}
+
+
+def make_base(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    torch.manual_seed(seed)
+    config = BASE_CONFIGS[arch](**overrides)
+    config._attn_implementation = attn_implementation
+    model = BASE_CLASSES[arch](config).to(dtype).eval()
+    with torch.no_grad():  # larger than the default init so that attention patterns are far from uniform
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2 and "embed" not in name:
+                parameter.normal_(0.0, 0.15)
+    return model
+
+
+def randomize_lorsa(lorsa: LorsaForReplacement, seed: int = 0) -> LorsaForReplacement:
+    """Weights with sharp attention, values of both signs and decoder rows of very different norms."""
+    generator = torch.Generator().manual_seed(seed)
+    d = lorsa.config.hidden_size
+    with torch.no_grad():
+        for layer in lorsa.layers.values():
+            for name, parameter in layer.named_parameters():
+                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+                if name in ("W_Q", "W_K"):
+                    value = noise * 2.0 / d**0.5
+                elif name == "W_V":
+                    value = noise / d**0.5
+                elif name == "W_O":
+                    scale = torch.empty(parameter.shape[0], 1, dtype=torch.float64).uniform_(0.5, 2.0, generator=generator)
+                    value = noise * scale * 3.0 / d**0.5
+                elif name.endswith("norm_weight"):
+                    value = 1.0 + 0.3 * noise
+                elif name == "b_V":
+                    value = 0.1 + 0.3 * noise
+                else:
+                    value = 0.2 * noise
+                parameter.copy_(value.to(parameter.dtype))
+    return lorsa
+
+
+def make_lorsa(base_config, layers, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LorsaForReplacement:
+    values = dict(n_ov_heads=128, top_k=8)
+    values.update(overrides)
+    config = LorsaConfig.from_base_config(base_config, layers=layers, **values)
+    return randomize_lorsa(LorsaForReplacement(config), seed=seed).to(dtype)
+
+
+@pytest.fixture(params=["gpt_neox", "llama"])
+def arch(request) -> str:
+    return request.param
