@@ -7,6 +7,7 @@ Importing the package registers `LorsaConfig` / `LorsaForReplacement` with the t
 from transformers import AutoConfig, AutoModel
 
 from .configuration_lorsa import LorsaConfig
+from .embedded import embedded_corpus, load_embedded_model
 from .modeling_lorsa import LorsaForReplacement, LorsaLayerOutput
 from .splicing import load_spliced, spliced_layers, unsplice
 
@@ -19,6 +20,8 @@ __all__ = [
     "LorsaConfig",
     "LorsaForReplacement",
     "LorsaLayerOutput",
+    "embedded_corpus",
+    "load_embedded_model",
     "load_spliced",
     "spliced_layers",
     "unsplice",

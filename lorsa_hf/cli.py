@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from .embedded import register_cli as _register_embedded
+
 Registrar = Callable[[argparse._SubParsersAction], None]
 
 
@@ -21,7 +23,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-SUBCOMMANDS: list[Registrar] = [_register_demo]
+SUBCOMMANDS: list[Registrar] = [_register_demo, _register_embedded]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
