@@ -7,6 +7,7 @@ Importing the package registers `LorsaConfig` / `LorsaForReplacement` with the t
 from transformers import AutoConfig, AutoModel
 
 from .configuration_lorsa import LorsaConfig
+from .convert import CheckpointError, ConversionReport, convert_checkpoint
 from .embedded import embedded_corpus, load_embedded_model
 from .modeling_lorsa import LorsaForReplacement, LorsaLayerOutput
 from .splicing import load_spliced, spliced_layers, unsplice
@@ -17,9 +18,12 @@ AutoConfig.register(LorsaConfig.model_type, LorsaConfig, exist_ok=True)
 AutoModel.register(LorsaConfig, LorsaForReplacement, exist_ok=True)
 
 __all__ = [
+    "CheckpointError",
+    "ConversionReport",
     "LorsaConfig",
     "LorsaForReplacement",
     "LorsaLayerOutput",
+    "convert_checkpoint",
     "embedded_corpus",
     "load_embedded_model",
     "load_spliced",

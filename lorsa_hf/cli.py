@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from .convert.cli import register as _register_convert
 from .embedded import register_cli as _register_embedded
 
 Registrar = Callable[[argparse._SubParsersAction], None]
@@ -23,7 +24,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-SUBCOMMANDS: list[Registrar] = [_register_demo, _register_embedded]
+SUBCOMMANDS: list[Registrar] = [_register_demo, _register_embedded, _register_convert]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

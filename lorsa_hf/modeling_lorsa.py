@@ -247,6 +247,25 @@ class LorsaForReplacement(LorsaPreTrainedModel):
 
         return unsplice(model, self)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None,
+        *model_args: Any,
+        base_model: Any = None,
+        weights_already_folded: bool = False,
+        **kwargs: Any,
+    ) -> LorsaForReplacement:
+        """`PreTrainedModel.from_pretrained`, plus: a folder or Hub repo holding a Lorsa published by llamascopium
+        (lm-saes) or the paper-era OpenMOSS/Lorsa code, or one such subfolder per layer, is converted on the fly
+        against `base_model` (see `lorsa_hf.convert.convert_checkpoint`, and `weights_already_folded` there)."""
+        from .convert.converter import load_if_foreign
+
+        converted = load_if_foreign(pretrained_model_name_or_path, base_model, weights_already_folded, kwargs)
+        if converted is not None:
+            return converted
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     def save_pretrained(self, save_directory: str | Any, *args: Any, push_to_hub: bool = False, **kwargs: Any) -> None:
         """`PreTrainedModel.save_pretrained` (config.json + model.safetensors), written atomically: a killed
         save never leaves a half-written checkpoint that loads. With `push_to_hub=True` the folder is then
