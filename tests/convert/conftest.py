@@ -1,0 +1,47 @@
+"""The importer's test oracle: the fixtures folder next to the repository (`<repo>/../shared/fixtures`), holding
+tiny base models, checkpoints written by the two reference implementations, and what those computed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+LAYER = 1
+LLAMASCOPIUM_VARIANTS = ("lorsa_llamascopium_unfolded", "lorsa_llamascopium_folded")
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    if not (FIXTURES / "README.md").is_file():
+        pytest.skip(f"importer fixtures not found at {FIXTURES} (expected <repo>/../shared/fixtures)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def io(fixtures: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Recorded inputs and outputs, per architecture."""
+    return {arch: load_file(fixtures / arch / "io.safetensors") for arch in ("gpt_neox", "llama")}
+
+
+@pytest.fixture(scope="session")
+def bases(fixtures: Path) -> dict[str, torch.nn.Module]:
+    """The fixture base models, loaded once (eager attention, as when the fixtures were recorded)."""
+    return {
+        arch: AutoModelForCausalLM.from_pretrained(fixtures / "base" / arch, attn_implementation="eager").eval()
+        for arch in ("gpt_neox", "llama")
+    }
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    """A writable copy of a fixture checkpoint folder (the fixtures are read-only)."""
+    shutil.copytree(source, target)
+    for file in target.iterdir():
+        file.chmod(0o644)
+    target.chmod(0o755)
+    return target
