@@ -8,6 +8,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 ACTIVATIONS = ("topk_abs", "topk_relu")
+IMPLEMENTATIONS = ("sparse", "dense")
+CACHE_FORMATS = ("values", "inputs", "auto")
 
 
 class LorsaConfig(PreTrainedConfig):
@@ -48,6 +50,13 @@ class LorsaConfig(PreTrainedConfig):
         use_qk_norm: Per-group RMS norm on q and k after their bias and before rotary.
         qk_norm_eps: Epsilon of that norm.
         initializer_range: Standard deviation of the random initialisation.
+        implementation: `"sparse"` (default): after TopK only the K selected heads are decoded and differentiated
+            (LORSA.md section 1b); `"dense"`: the reference formulation, a dense decode over all `n_ov` heads and
+            a backward through all of them. Both give the same outputs and gradients.
+        cache_format: What a transformers `Cache` holds per token besides the keys during generation:
+            `"values"` (default): the `n_ov` head values, as the base model's attention caches its values;
+            `"inputs"`: the layer's input (`d` numbers), from which a decode step recomputes the values exactly;
+            `"auto"`: whichever of the two is smaller (`"inputs"` whenever `n_ov_heads > hidden_size`).
     """
 
     model_type = "lorsa"
@@ -74,6 +83,8 @@ class LorsaConfig(PreTrainedConfig):
     use_qk_norm: bool = False
     qk_norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    implementation: str = "sparse"
+    cache_format: str = "values"
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.layers is None:
@@ -114,7 +125,10 @@ class LorsaConfig(PreTrainedConfig):
         if not self.attn_scale > 0:
             fail("attn_scale", f"must be positive, got {self.attn_scale!r}")
         if not 0 <= self.rotary_dim <= self.d_qk_head or self.rotary_dim % 2:
-            fail("rotary_dim", f"must be an even number between 0 and d_qk_head ({self.d_qk_head}), got {self.rotary_dim}")
+            fail(
+                "rotary_dim",
+                f"must be an even number between 0 and d_qk_head ({self.d_qk_head}), got {self.rotary_dim}",
+            )
         if not self.layers or len(set(self.layers)) != len(self.layers):
             fail("layers", f"must be a non-empty list of distinct layer indices, got {self.layers!r}")
         for layer in self.layers:
@@ -126,6 +140,15 @@ class LorsaConfig(PreTrainedConfig):
                 )
         if "rope_type" not in self.rope_parameters or "rope_theta" not in self.rope_parameters:
             fail("rope_parameters", f"must contain 'rope_type' and 'rope_theta', got {self.rope_parameters!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            fail("implementation", f"must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
+        if self.cache_format not in CACHE_FORMATS:
+            fail("cache_format", f"must be one of {CACHE_FORMATS}, got {self.cache_format!r}")
+
+    @property
+    def cached_inputs(self) -> bool:
+        """Whether generation caches the layer's input (`d` numbers per token) rather than the `n_ov` values."""
+        return self.cache_format == "inputs" or (self.cache_format == "auto" and self.hidden_size < self.n_ov_heads)
 
     @property
     def ov_group_size(self) -> int:
@@ -135,7 +158,7 @@ class LorsaConfig(PreTrainedConfig):
     @classmethod
     def from_base_config(
         cls, base_config: PreTrainedConfig, layers: list[int] | int, **overrides: Any
-    ) -> "LorsaConfig":
+    ) -> LorsaConfig:
         """Derive a config for `layers` of a supported base model, with the paper's defaults for the rest.
 
         Defaults: `d_qk_head` = the base head dimension, `n_qk_heads` = the base number of heads,

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 from ._attention import group_attention
 from ._io import atomic_save_directory
 from ._rotary import LorsaRotaryEmbedding, apply_rotary
+from ._sparse import dense_top_k_decode, input_form_attention, project_queries_keys_values, sparse_top_k_decode
 from .configuration_lorsa import LorsaConfig
 
 if TYPE_CHECKING:
@@ -70,7 +71,9 @@ class LorsaLayer(nn.Module):
         if config.use_qk_norm:
             self.q_norm_weight = nn.Parameter(torch.empty(n_qk, d_qk))
             self.k_norm_weight = nn.Parameter(torch.empty(n_qk, d_qk))
-        self.rotary_emb = LorsaRotaryEmbedding(config.rotary_dim, config.rope_parameters, config.max_position_embeddings)
+        self.rotary_emb = LorsaRotaryEmbedding(
+            config.rotary_dim, config.rope_parameters, config.max_position_embeddings
+        )
 
     def _qk_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMS norm over d_qk of each QK group, x [B, n_qk, T, d_qk], weight [n_qk, d_qk]."""
@@ -94,8 +97,9 @@ class LorsaLayer(nn.Module):
             position_embeddings: The base model's `(cos, sin)` [B, T, rotary_dim]; when None the layer
                 computes its own from `position_ids` (default: positions after what `cache` holds).
             attention_mask: Any mask transformers gives an attention module (None means causal).
-            cache: A transformers `Cache`; keys [B, n_qk, T, d_qk] and values [B, n_qk, T, g] are appended
-                at index `layer_idx`.
+            cache: A transformers `Cache`; keys [B, n_qk, T, d_qk] are appended at index `layer_idx`, and as its
+                values either the head values [B, n_qk, T, g] or, with `config.cached_inputs`, the input itself
+                [B, n_qk, T, d / n_qk] ([B, 1, T, d] when n_qk does not divide d).
             output_activations: Also return `z` and the selected activations.
             top_k: Heads kept per token for this call (K annealing in training); defaults to `config.top_k`.
         """
@@ -104,12 +108,11 @@ class LorsaLayer(nn.Module):
         if not 0 < top_k <= config.n_ov_heads:
             raise ValueError(f"top_k must be between 1 and n_ov_heads ({config.n_ov_heads}), got {top_k}.")
         batch_size, seq_len, _ = hidden_states.shape
-        n_qk, g = config.n_qk_heads, config.ov_group_size
 
         # Projections: q, k [B, n_qk, T, d_qk]; v [B, n_qk, T, g] (the g scalar values of each group's heads)
-        query = torch.einsum("btd,hdk->bhtk", hidden_states, self.W_Q) + self.b_Q[None, :, None, :]
-        key = torch.einsum("btd,hdk->bhtk", hidden_states, self.W_K) + self.b_K[None, :, None, :]
-        value = F.linear(hidden_states, self.W_V, self.b_V).view(batch_size, seq_len, n_qk, g).transpose(1, 2)
+        query, key, value = project_queries_keys_values(
+            hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K, self.W_V, self.b_V
+        )
         if config.use_qk_norm:
             query = self._qk_norm(query, self.q_norm_weight)
             key = self._qk_norm(key, self.k_norm_weight)
@@ -124,28 +127,41 @@ class LorsaLayer(nn.Module):
             query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs)
             key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs)
 
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-
-        # z_i[s] = sum_t A_h(i)[s, t] v_i[t]: one attention per QK group with value width g
-        z = group_attention(query, key, value, attention_mask, scale=1.0 / config.attn_scale)
-        z = z.transpose(1, 2).reshape(batch_size, seq_len, config.n_ov_heads)  # head i = group * g + j
-
-        # TopK selection weighted by the decoder norms, then a decode that reads only the K selected rows of W_O
-        decoder_norms = self.W_O.norm(dim=-1)
-        if config.activation == "topk_abs":
-            scores = z.abs() * decoder_norms
+        # z_i[s] = sum_t A_h(i)[s, t] v_i[t]: one attention per QK group with value width g. A cache of inputs
+        # serves later steps in the input form (attend over x, then project with W_V: LORSA.md section 1b)
+        scale = 1.0 / config.attn_scale
+        if cache is not None and config.cached_inputs:
+            past_length = cache.get_seq_length(self.layer_idx)
+            key, inputs = cache.update(key, self._cacheable_inputs(hidden_states), self.layer_idx)
+            if past_length == 0:
+                z = group_attention(query, key, value, attention_mask, scale=scale)
+            else:
+                z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
         else:
-            scores = z.relu() * decoder_norms
-        top_k_indices = scores.topk(top_k, dim=-1, sorted=False).indices
-        top_k_values = z.gather(-1, top_k_indices)
-        if config.activation == "topk_relu":
-            top_k_values = top_k_values.relu()
-        output = self.decode(top_k_values, top_k_indices)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
+            z = group_attention(query, key, value, attention_mask, scale=scale)
+        z = z.transpose(1, 2).reshape(batch_size * seq_len, config.n_ov_heads)  # head i = group * g + j
+
+        # TopK selection weighted by the decoder norms, then the decode: the K selected rows of W_O per token
+        # (sparse, with its own backward), or the dense reference formulation over all n_ov heads
+        top_k_decode = dense_top_k_decode if config.implementation == "dense" else sparse_top_k_decode
+        output, top_k_values, top_k_indices = top_k_decode(z, self.W_O, top_k, config.activation)
+        output = (output + self.b_O).view(batch_size, seq_len, -1)
+        z = z.view(batch_size, seq_len, -1)
+        top_k_values = top_k_values.view(batch_size, seq_len, top_k)
+        top_k_indices = top_k_indices.view(batch_size, seq_len, top_k)
 
         if not output_activations:
             return LorsaLayerOutput(hidden_states=output)
         return LorsaLayerOutput(hidden_states=output, z=z, top_k_values=top_k_values, top_k_indices=top_k_indices)
+
+    def _cacheable_inputs(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] as cache values [B, n_qk, T, d / n_qk], a shape every transformers cache layer can hold
+        next to keys with n_qk heads ([B, 1, T, d] when n_qk does not divide d: dynamic caches only)."""
+        batch_size, seq_len, d = hidden_states.shape
+        heads = self.config.n_qk_heads if d % self.config.n_qk_heads == 0 else 1
+        return hidden_states.view(batch_size, seq_len, heads, d // heads).transpose(1, 2)
 
     def decode(self, top_k_values: torch.Tensor, top_k_indices: torch.Tensor) -> torch.Tensor:
         """ŷ = sum over the K selected heads of a_i W_O[i], plus b_O: [B, T, K] x2 -> [B, T, d]."""

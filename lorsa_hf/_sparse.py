@@ -1,0 +1,193 @@
+"""The fast Lorsa path (LORSA.md section 1b) and the dense reference it is tested and benchmarked against.
+
+Both paths share the projections, the attention and the TopK selection, so they select exactly the same heads;
+they differ in what follows the selection:
+
+- dense (the official formulation): the activations are scattered into a [N, n_ov] tensor and decoded with a
+  dense matmul against all of W_O; autograd then differentiates through every head.
+- sparse: a custom autograd function decodes only the K selected rows of W_O per token (`embedding_bag` with
+  per-sample weights, or a Triton kernel on CUDA) and its backward sends gradient to z only at the selected
+  entries and to W_O only in the selected rows; it keeps just the [N, K] indices and values for backward.
+
+For generation, `input_form_attention` computes z from a cache that holds the layer's input x instead of the
+n_ov values per token (the softmax rows sum to one, so attending over x and projecting afterwards is exact).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ._attention import boolean_attention_mask
+
+
+def project_queries_keys_values(
+    hidden_states: torch.Tensor,
+    W_Q: torch.Tensor,
+    b_Q: torch.Tensor,
+    W_K: torch.Tensor,
+    b_K: torch.Tensor,
+    W_V: torch.Tensor,
+    b_V: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads).
+
+    Q and K are one batched matmul per weight against the stored [n_qk, d, d_qk] layout (x broadcast over the
+    groups, bias fused), V one matmul against the stored [n_ov, d] layout: no weight is copied into another
+    layout, which matters for a decode step, where a weight copy costs as much as the matmul itself.
+    """
+    batch_size, seq_len, d = hidden_states.shape
+    n_qk, _, d_qk = W_Q.shape
+    tokens = hidden_states.reshape(1, batch_size * seq_len, d).expand(n_qk, -1, -1)
+    query = torch.baddbmm(b_Q[:, None, :], tokens, W_Q).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
+    key = torch.baddbmm(b_K[:, None, :], tokens, W_K).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
+    value = F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, n_qk, -1).transpose(1, 2)
+    return query, key, value
+
+
+def input_form_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    inputs: torch.Tensor,
+    W_V: torch.Tensor,
+    b_V: torch.Tensor,
+    attention_mask: object,
+    scale: float,
+) -> torch.Tensor:
+    """z from cached inputs: z_i[s] = (sum_t A_h(i)[s, t] x[t]) . W_V[i] + b_V[i], exact because softmax rows sum to 1.
+
+    q [B, n_qk, T, d_qk], k [B, n_qk, S, d_qk], inputs: the cached x as [B, H', S, d / H'] (any H' dividing d)
+    -> z [B, n_qk, T, g], the layout `group_attention` returns. One mixing matmul over x serves all groups;
+    the projection afterwards reads W_V once. Query rows with no key to attend to give zeros, as in
+    `group_attention`.
+    """
+    batch_size, n_qk, query_length, _ = query.shape
+    key_length = key.shape[-2]
+    x = inputs.transpose(1, 2).reshape(batch_size, key_length, -1)  # [B, S, d]
+    d = x.shape[-1]
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scale  # [B, n_qk, T, S]
+    mask = boolean_attention_mask(attention_mask, batch_size, query_length, key_length, query.device)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    pattern = torch.softmax(logits, dim=-1)
+    mixed = torch.bmm(pattern.reshape(batch_size, n_qk * query_length, key_length), x.to(pattern.dtype))
+    mixed = mixed.view(batch_size, n_qk, query_length, d).transpose(0, 1).reshape(n_qk, -1, d)  # [n_qk, B*T, d]
+    weight = W_V.view(n_qk, -1, d)  # [n_qk, g, d]: head i = group * g + j
+    z = torch.baddbmm(b_V.view(n_qk, 1, -1), mixed, weight.transpose(1, 2))  # [n_qk, B*T, g]
+    z = z.view(n_qk, batch_size, query_length, -1).transpose(0, 1)
+    if mask is not None:
+        z = z.masked_fill(~mask.any(-1)[..., None], 0.0)
+    return z
+
+
+@torch.no_grad()
+def select_top_k(z: torch.Tensor, decoder_norms: torch.Tensor, top_k: int, activation: str) -> torch.Tensor:
+    """Indices [N, K] of the K heads with the largest score |z| ||W_O|| ("topk_abs") or relu(z) ||W_O||."""
+    scores = z.abs() if activation == "topk_abs" else z.relu()
+    scores = scores.to(torch.promote_types(z.dtype, decoder_norms.dtype)).mul_(decoder_norms)
+    return scores.topk(top_k, dim=-1, sorted=False).indices
+
+
+def dense_top_k_decode(
+    z: torch.Tensor, W_O: torch.Tensor, top_k: int, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference: activations scattered into a dense [N, n_ov] tensor, decoded by a matmul with all of W_O.
+
+    z [N, n_ov] -> (output [N, d] without b_O, kept values [N, K], their heads [N, K]).
+    """
+    indices = select_top_k(z, W_O.detach().norm(dim=-1), top_k, activation)
+    values = z.gather(-1, indices)
+    if activation == "topk_relu":
+        values = values.relu()
+    activations = torch.zeros_like(z).scatter(-1, indices, values)
+    return activations @ W_O.to(activations.dtype), values, indices
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """sum_k values[n, k] W_O[indices[n, k]]: [N, K] x2 -> [N, d], reading only the selected rows of W_O.
+
+    On CUDA a Triton kernel when Triton is installed, otherwise `embedding_bag` with per-sample weights.
+    """
+    values = values.to(W_O.dtype)
+    if W_O.is_cuda:
+        from .kernels import triton_sparse_decode
+
+        if triton_sparse_decode is not None:
+            return triton_sparse_decode(values, indices, W_O)
+    return F.embedding_bag(indices, W_O, per_sample_weights=values, mode="sum")
+
+
+def _selected_rows_dot(grad_output: torch.Tensor, W_O: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """grad_output[n] . W_O[indices[n, k]] -> [N, K]: the dense grad_output @ W_O^T sampled at the selection only
+    (a sampled dense-dense matmul on a CSR pattern; float32 for dtypes it lacks)."""
+    num_tokens, top_k = indices.shape
+    compute_dtype = grad_output.dtype if grad_output.dtype in (torch.float32, torch.float64) else torch.float32
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        pattern = torch.sparse_csr_tensor(
+            torch.arange(0, num_tokens * top_k + 1, top_k, device=indices.device),
+            indices.reshape(-1),
+            torch.ones(num_tokens * top_k, dtype=compute_dtype, device=indices.device),
+            (num_tokens, W_O.shape[0]),
+            check_invariants=False,
+        )
+    sampled = torch.sparse.sampled_addmm(pattern, grad_output.to(compute_dtype), W_O.to(compute_dtype).T, beta=0.0)
+    return sampled.values().view(num_tokens, top_k)
+
+
+def _selected_rows_gradient(
+    grad_output: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n_ov: int
+) -> torch.Tensor:
+    """dL/dW_O [n_ov, d], nonzero only in selected rows: row i sums values[n, k] grad_output[n] over the (n, k)
+    that selected head i. That is itself an `embedding_bag`, with one bag per head over the token rows."""
+    num_tokens, top_k = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat)
+    offsets = torch.zeros(n_ov, dtype=torch.long, device=flat.device)
+    offsets[1:] = torch.bincount(flat, minlength=n_ov).cumsum(0)[:-1]
+    tokens = torch.div(order, top_k, rounding_mode="floor")
+    return F.embedding_bag(
+        tokens, grad_output, offsets, per_sample_weights=values.reshape(-1)[order].to(grad_output.dtype), mode="sum"
+    )
+
+
+class _SparseTopKDecode(torch.autograd.Function):
+    """TopK selection and sparse decode as one autograd node: z [N, n_ov], W_O [n_ov, d] -> (output [N, d],
+    values [N, K], indices [N, K]). Saved for backward: the [N, K] indices and values, and W_O."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, W_O: torch.Tensor, top_k: int, activation: str):
+        indices = select_top_k(z, W_O.norm(dim=-1), top_k, activation)
+        values = z.gather(-1, indices)
+        if activation == "topk_relu":
+            values = values.relu()
+        output = sparse_decode(values, indices, W_O)
+        ctx.save_for_backward(indices, values, W_O)
+        ctx.relu = activation == "topk_relu"
+        ctx.z_shape, ctx.z_dtype = z.shape, z.dtype
+        ctx.mark_non_differentiable(indices)
+        return output, values, indices
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor, grad_values: torch.Tensor, grad_indices: None):
+        indices, values, W_O = ctx.saved_tensors
+        grad_z = grad_W_O = None
+        if ctx.needs_input_grad[0]:
+            grad_selected = _selected_rows_dot(grad_output, W_O, indices).to(values.dtype) + grad_values
+            if ctx.relu:
+                grad_selected = grad_selected * (values > 0)
+            grad_z = torch.zeros(ctx.z_shape, dtype=ctx.z_dtype, device=values.device)
+            grad_z.scatter_(-1, indices, grad_selected.to(ctx.z_dtype))
+        if ctx.needs_input_grad[1]:
+            grad_W_O = _selected_rows_gradient(grad_output.to(W_O.dtype), values, indices, W_O.shape[0])
+        return grad_z, grad_W_O, None, None
+
+
+def sparse_top_k_decode(
+    z: torch.Tensor, W_O: torch.Tensor, top_k: int, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fast path: z [N, n_ov] -> (output [N, d] without b_O, kept values [N, K], their heads [N, K]),
+    with the same selection as `dense_top_k_decode` and work proportional to K, not n_ov, after it."""
+    return _SparseTopKDecode.apply(z, W_O, top_k, activation)
