@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,13 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        disallowed = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if disallowed is None:
+            raise CheckpointError(f"Cannot read {file}: it is no torch state dict; the file is corrupt or truncated.")
         raise CheckpointError(
-            f"{file} needs unrestricted unpickling, which lorsa_hf refuses (it can run arbitrary code): only plain "
-            f"tensor state dicts load with weights_only=True. Loader message: {str(error).splitlines()[0]}"
+            f"{file} holds {disallowed.group(1)}, which needs unrestricted unpickling; lorsa_hf refuses that (it can "
+            "run arbitrary code) and loads only plain tensor state dicts (torch.load with weights_only=True). "
+            "Re-save the state dict with tensors only."
         )
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"Cannot read {file} ({error}): the file is corrupt or truncated; fetch it again.")
