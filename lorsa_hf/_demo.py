@@ -41,5 +41,6 @@ def run_demo(seed: int = 0) -> None:
     with tempfile.TemporaryDirectory() as folder:
         lorsa.save_pretrained(folder)
         reloaded = LorsaForReplacement.from_pretrained(folder)
-        same = all(torch.equal(a, b) for a, b in zip(lorsa.state_dict().values(), reloaded.state_dict().values()))
+        pairs = zip(lorsa.state_dict().values(), reloaded.state_dict().values(), strict=True)
+        same = all(torch.equal(a, b) for a, b in pairs)
     print(f"save_pretrained / from_pretrained round trip exact: {same}")

@@ -45,7 +45,9 @@ BASE_CONFIGS = {"gpt_neox": tiny_gpt_neox_config, "llama": tiny_llama_config}
 BASE_CLASSES = {"gpt_neox": GPTNeoXForCausalLM, "llama": LlamaForCausalLM}
 
 
-def make_base(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+def make_base(
+    arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "sdpa", **overrides
+):
     torch.manual_seed(seed)
     config = BASE_CONFIGS[arch](**overrides)
     config._attn_implementation = attn_implementation
@@ -70,8 +72,8 @@ def randomize_lorsa(lorsa: LorsaForReplacement, seed: int = 0) -> LorsaForReplac
                 elif name == "W_V":
                     value = noise / d**0.5
                 elif name == "W_O":
-                    scale = torch.empty(parameter.shape[0], 1, dtype=torch.float64).uniform_(0.5, 2.0, generator=generator)
-                    value = noise * scale * 3.0 / d**0.5
+                    scale = torch.empty(parameter.shape[0], 1, dtype=torch.float64)
+                    value = noise * scale.uniform_(0.5, 2.0, generator=generator) * 3.0 / d**0.5
                 elif name.endswith("norm_weight"):
                     value = 1.0 + 0.3 * noise
                 elif name == "b_V":
@@ -82,7 +84,9 @@ def randomize_lorsa(lorsa: LorsaForReplacement, seed: int = 0) -> LorsaForReplac
     return lorsa
 
 
-def make_lorsa(base_config, layers, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LorsaForReplacement:
+def make_lorsa(
+    base_config, layers, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> LorsaForReplacement:
     values = dict(n_ov_heads=128, top_k=8)
     values.update(overrides)
     config = LorsaConfig.from_base_config(base_config, layers=layers, **values)

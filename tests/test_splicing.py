@@ -29,8 +29,9 @@ def test_splice_replaces_exactly_the_chosen_layers(arch):
     assert spliced_layers(model) == LAYERS
     module = lorsa_hf.adapters.get_adapter(model).get_attention(model, 0)
     assert isinstance(module, LorsaSplicedAttention) and module.lorsa is lorsa.layer(0)
+    names = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")
     assert {name for name, _ in model.named_parameters() if ".lorsa." in name} == {
-        f"{prefix}.lorsa.{p}" for prefix in _attention_prefixes(model) for p in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")
+        f"{prefix}.lorsa.{p}" for prefix in _attention_prefixes(model) for p in names
     }
 
 
@@ -53,7 +54,7 @@ def test_greedy_generate_with_cache_equals_recomputing_every_step(arch, activati
             output_logits=True,
         )
     assert torch.equal(cached.sequences, recomputed.sequences)
-    for step_cached, step_recomputed in zip(cached.logits, recomputed.logits):
+    for step_cached, step_recomputed in zip(cached.logits, recomputed.logits, strict=True):
         torch.testing.assert_close(step_cached, step_recomputed, rtol=0, atol=1e-4)
     # and each cached step equals a full forward of the sequence so far
     with torch.no_grad():
