@@ -52,23 +52,27 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
+def spliced_and_reference(model, lorsa, seq_len: int, seed: int, rotary=None):
+    """Run the spliced `model` on a random batch; return what its layer-LAYER Lorsa received and returned, and
+    the float64 reference (output, z, a) for the same input, with the base model's (cos, sin) unless given."""
+    input_ids = torch.randint(3, VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(input_ids)
+    seen = spliced_call(model, LAYER, input_ids, mask)
+    cos, sin = rotary if rotary is not None else seen["position_embeddings"]
+    params = dict(lorsa.layer(LAYER).named_parameters())
+    return seen, reference_lorsa(seen["hidden_states"], params, lorsa.config, cos, sin, causal_allowed(mask))
+
+
 @pytest.mark.parametrize("activation", ["topk_abs", "topk_relu"])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 def test_spliced_output_equals_dense_reference(arch, activation, dtype, tolerance):
     model = make_base(arch, dtype=dtype)
     lorsa = make_lorsa(model.config, [LAYER], activation=activation, dtype=dtype)
     lorsa.splice(model)
-    input_ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(input_ids)
-    seen = spliced_call(model, LAYER, input_ids, mask)
-
-    cos, sin = seen["position_embeddings"]
-    expected, z, a = reference_lorsa(
-        seen["hidden_states"], dict(lorsa.layer(LAYER).named_parameters()), lorsa.config, cos, sin, causal_allowed(mask)
-    )
+    seen, (expected, z, a) = spliced_and_reference(model, lorsa, seq_len=12, seed=1)
     assert relative_error(seen["output"], expected) <= tolerance
     out = lorsa.layer(LAYER)(
-        seen["hidden_states"], position_embeddings=(cos, sin), output_activations=True
+        seen["hidden_states"], position_embeddings=seen["position_embeddings"], output_activations=True
     )
     assert relative_error(out.z, z) <= tolerance
     assert relative_error(out.activations(), a) <= tolerance
@@ -82,9 +86,6 @@ def test_own_rotary_when_d_qk_differs_from_the_base_head_dim():
     lorsa = make_lorsa(model.config, [LAYER], d_qk_head=32)
     assert lorsa.config.rotary_dim == 32
     lorsa.splice(model)
-    input_ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(input_ids)
-    seen = spliced_call(model, LAYER, input_ids, mask)
 
     rope = model.config.rope_parameters  # llama3 frequency scaling written out from its definition
     dim = 32
@@ -100,9 +101,7 @@ def test_own_rotary_when_d_qk_differs_from_the_base_head_dim():
     cos = torch.cat([angles.cos(), angles.cos()], -1).expand(2, -1, -1)
     sin = torch.cat([angles.sin(), angles.sin()], -1).expand(2, -1, -1)
 
-    expected, _, _ = reference_lorsa(
-        seen["hidden_states"], dict(lorsa.layer(LAYER).named_parameters()), lorsa.config, cos, sin, causal_allowed(mask)
-    )
+    seen, (expected, _, _) = spliced_and_reference(model, lorsa, seq_len=20, seed=2, rotary=(cos, sin))
     assert relative_error(seen["output"], expected) <= 1e-5
 
 
@@ -114,13 +113,7 @@ def test_qk_norm_and_rotary_pairing(adjacent_pairs):
         rotary_adjacent_pairs=adjacent_pairs,
     )
     lorsa.splice(model)
-    input_ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(input_ids)
-    seen = spliced_call(model, LAYER, input_ids, mask)
-    cos, sin = seen["position_embeddings"]
-    expected, _, _ = reference_lorsa(
-        seen["hidden_states"], dict(lorsa.layer(LAYER).named_parameters()), lorsa.config, cos, sin, causal_allowed(mask)
-    )
+    seen, (expected, _, _) = spliced_and_reference(model, lorsa, seq_len=10, seed=3)
     assert relative_error(seen["output"], expected) <= 1e-10
 
 
