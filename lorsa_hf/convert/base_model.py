@@ -55,7 +55,9 @@ def _from_model(model: PreTrainedModel, layers: list[int]) -> BaseModelInfo:
         if weight is None:
             raise CheckpointError(f"Layer {layer}'s input norm {type(norm).__name__} has no gain (weight) to fold.")
         if adapter.input_norm_has_bias and bias is None:
-            raise CheckpointError(f"Layer {layer}'s input norm has no bias, but a {adapter.model_type} LayerNorm has one.")
+            raise CheckpointError(
+                f"Layer {layer}'s input norm has no bias, but a {adapter.model_type} LayerNorm has one."
+            )
         norms[layer] = (
             weight.detach().to("cpu", torch.float64),
             None if bias is None else bias.detach().to("cpu", torch.float64),
@@ -83,7 +85,9 @@ def _weight_files(base: str, revision: str | None, cache_dir: str | None, token:
         with safe_open(str(single), framework="pt") as weights:
             return {key: single for key in weights.keys()}
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"Cannot read the base model's {single} ({error}); it is corrupt or truncated.")
+        raise CheckpointError(
+            f"Cannot read the base model's {single} ({error}); it is corrupt or truncated."
+        ) from error
 
 
 def _norm_tensor(files: dict[str, Path], suffix: str) -> torch.Tensor | None:
@@ -103,7 +107,7 @@ def _from_name(
     try:
         config = AutoConfig.from_pretrained(base, revision=revision, cache_dir=cache_dir, token=token)
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"Cannot load the base model config from {base!r}: {error}")
+        raise CheckpointError(f"Cannot load the base model config from {base!r}: {error}") from error
     adapter = get_adapter(config)
     _check_layers(config, layers, base)
     files = _weight_files(base, revision, cache_dir, token)
@@ -115,7 +119,8 @@ def _from_name(
         if weight is None or (adapter.input_norm_has_bias and bias is None):
             raise CheckpointError(
                 f"The base model's weights lack {prefix}.{'weight' if weight is None else 'bias'} "
-                f"(the norm in front of layer {layer}'s attention); is {base!r} a complete {config.model_type} checkpoint?"
+                f"(the norm in front of layer {layer}'s attention); is {base!r} a complete {config.model_type} "
+                "checkpoint?"
             )
         norms[layer] = (weight, bias)
     return BaseModelInfo(config, str(base), revision, norms)

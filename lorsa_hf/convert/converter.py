@@ -105,7 +105,8 @@ def _select(found: dict[Path, str], root: Path, layers: list[int] | None) -> dic
         if recorded is None:
             if layers is None or len(layers) != 1:
                 raise CheckpointError(
-                    f"{folder}/config.json records no layer; say which base-model layer it replaces (layers=[L], --layer L)."
+                    f"{folder}/config.json records no layer; say which base-model layer it replaces "
+                    "(layers=[L], --layer L)."
                 )
             return {layers[0]: (folder, kind)}
         if layers is not None and layers != [recorded]:
@@ -137,8 +138,17 @@ def _read(folder: Path, kind: str, weights_already_folded: bool) -> ForeignLorsa
 
 
 _SHARED = (
-    "n_ov_heads", "n_qk_heads", "d_qk_head", "top_k", "activation", "attn_scale", "rotary_dim",
-    "rotary_adjacent_pairs", "rope_parameters", "use_qk_norm", "qk_norm_eps",
+    "n_ov_heads",
+    "n_qk_heads",
+    "d_qk_head",
+    "top_k",
+    "activation",
+    "attn_scale",
+    "rotary_dim",
+    "rotary_adjacent_pairs",
+    "rope_parameters",
+    "use_qk_norm",
+    "qk_norm_eps",
 )
 
 
@@ -159,7 +169,17 @@ def _check_against_base(foreign: dict[int, ForeignLorsa], base: BaseModelInfo) -
                 )
 
 
-def _layer_report(lorsa: ForeignLorsa, base: BaseModelInfo) -> LayerReport:
+def _describe_source(folder: Path, source: str | os.PathLike, root: Path, subfolder: str, revision: str | None) -> str:
+    """The folder as the user named it: a local path, or `repo_id/subfolder@revision` for a Hub repo."""
+    if is_local(source):
+        return str(folder)
+    inside = "/".join(
+        part for part in (subfolder.strip("/"), folder.relative_to(root).as_posix()) if part not in ("", ".")
+    )
+    return f"{os.fspath(source)}{'/' + inside if inside else ''}@{revision or 'main'}"
+
+
+def _layer_report(lorsa: ForeignLorsa, base: BaseModelInfo, source: str) -> LayerReport:
     if not lorsa.input_is_normalized_residual:
         input_norm = "not folded (the checkpoint was trained on the attention input itself)"
     elif base.norms[lorsa.layer][1] is not None:
@@ -167,16 +187,24 @@ def _layer_report(lorsa: ForeignLorsa, base: BaseModelInfo) -> LayerReport:
     else:
         input_norm = "RMSNorm gain folded into W_Q, W_K, W_V"
     rope = lorsa.rope_parameters
-    rotary = "none" if lorsa.rotary_dim == 0 else (
-        f"{lorsa.rotary_dim} dims, {'adjacent pairs' if lorsa.rotary_adjacent_pairs else 'rotate-half pairs'}, "
-        f"{rope['rope_type']} theta {rope['rope_theta']:g}"
-        + (f" (factor {rope['factor']}, low {rope['low_freq_factor']}, high {rope['high_freq_factor']}, "
-           f"original context {rope['original_max_position_embeddings']})" if rope["rope_type"] == "llama3" else "")
+    rotary = (
+        "none"
+        if lorsa.rotary_dim == 0
+        else (
+            f"{lorsa.rotary_dim} dims, {'adjacent pairs' if lorsa.rotary_adjacent_pairs else 'rotate-half pairs'}, "
+            f"{rope['rope_type']} theta {rope['rope_theta']:g}"
+            + (
+                f" (factor {rope['factor']}, low {rope['low_freq_factor']}, high {rope['high_freq_factor']}, "
+                f"original context {rope['original_max_position_embeddings']})"
+                if rope["rope_type"] == "llama3"
+                else ""
+            )
+        )
     )
     return LayerReport(
         layer=lorsa.layer,
         source_format=lorsa.format,
-        source=str(lorsa.path),
+        source=source,
         n_ov_heads=lorsa.n_ov_heads,
         n_qk_heads=lorsa.n_qk_heads,
         d_qk_head=lorsa.d_qk_head,
@@ -233,7 +261,9 @@ def convert_checkpoint(
     root = fetch_folder(source, _CONFIG_PATTERNS, subfolder, **hub)
     selected = _select(_checkpoints(root), root, layer_list)
     if not is_local(source):
-        prefixes = ["" if folder == root else f"{folder.relative_to(root).as_posix()}/" for folder, _ in selected.values()]
+        prefixes = [
+            "" if folder == root else f"{folder.relative_to(root).as_posix()}/" for folder, _ in selected.values()
+        ]
         files = ("config.json", LLAMASCOPIUM_WEIGHTS, PAPER_ERA_WEIGHTS)
         fetch_folder(source, [prefix + name for prefix in prefixes for name in files], subfolder, **hub)
 
@@ -270,7 +300,10 @@ def convert_checkpoint(
     report = ConversionReport(
         base_model=base.name,
         base_model_type=base.config.model_type,
-        layers=[_layer_report(lorsa, base) for lorsa in foreign.values()],
+        layers=[
+            _layer_report(lorsa, base, _describe_source(lorsa.path, source, root, subfolder, revision))
+            for lorsa in foreign.values()
+        ],
     )
     if output_dir is not None:
         with atomic_save_directory(output_dir) as staging:
@@ -293,7 +326,8 @@ def load_if_foreign(
     if kind is None:
         if weights_already_folded:
             raise ValueError(
-                f"weights_already_folded only applies to foreign (llamascopium, paper-era) checkpoints; {source} is not one."
+                "weights_already_folded only applies to foreign (llamascopium, paper-era) checkpoints; "
+                f"{source} is not one."
             )
         return None
     if base_model is None:

@@ -57,11 +57,13 @@ def read_json_config(path: Path) -> dict[str, Any]:
     """config.json as a dict, with a clear error when it is missing, unreadable or not a JSON object."""
     file = path / "config.json"
     if not file.is_file():
-        raise CheckpointError(f"{path} has no config.json; point to the folder that holds the checkpoint's config.json.")
+        raise CheckpointError(
+            f"{path} has no config.json; point to the folder that holds the checkpoint's config.json."
+        )
     try:
         config = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{file} is not valid JSON ({error}); the file is corrupt or truncated, fetch it again.")
+        raise CheckpointError(f"{file} is not valid JSON ({error}); the file is corrupt or truncated.") from error
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} holds a JSON {type(config).__name__}, not the object a Lorsa config is.")
     return config
@@ -74,7 +76,9 @@ def require(config: dict[str, Any], key: str, kind: type | tuple[type, ...], sou
     value = config[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise CheckpointError(f"{source}/config.json: {key!r} is {value!r}, expected {'/'.join(k.__name__ for k in kinds)}.")
+        raise CheckpointError(
+            f"{source}/config.json: {key!r} is {value!r}, expected {'/'.join(k.__name__ for k in kinds)}."
+        )
     return value
 
 
@@ -107,7 +111,9 @@ def rotary_settings(config: dict[str, Any], d_qk_head: int, source: Path) -> tup
     if kind in ("none", None):
         return 0, False, {"rope_type": "default", "rope_theta": 10000.0}
     if kind != "rotary":
-        raise CheckpointError(f"{source}/config.json: positional_embedding_type {kind!r} is not supported (rotary or none).")
+        raise CheckpointError(
+            f"{source}/config.json: positional_embedding_type {kind!r} is not supported (rotary or none)."
+        )
     if config.get("rotary_scale", 1) != 1:
         raise CheckpointError(
             f"{source}/config.json: rotary_scale {config['rotary_scale']} (q/k dims repeated before rotary) is not "

@@ -45,7 +45,11 @@ def fetch_file(
     try:
         return Path(
             hf_hub_download(
-                os.fspath(source), filename, subfolder=subfolder or None, revision=revision, cache_dir=cache_dir,
+                os.fspath(source),
+                filename,
+                subfolder=subfolder or None,
+                revision=revision,
+                cache_dir=cache_dir,
                 token=token,
             )
         )

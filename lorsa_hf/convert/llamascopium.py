@@ -18,8 +18,15 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .foreign import CheckpointError, ForeignLorsa, check_rotary_buffers, check_shapes, read_json_config, require
-from .foreign import rotary_settings
+from .foreign import (
+    CheckpointError,
+    ForeignLorsa,
+    check_rotary_buffers,
+    check_shapes,
+    read_json_config,
+    require,
+    rotary_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt") as weights:
             return {key: weights.get_tensor(key) for key in weights.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"Cannot read {file} ({error}): the file is corrupt or truncated; fetch it again.")
+        raise CheckpointError(f"Cannot read {file} ({error}): the file is corrupt or truncated.") from error
 
 
 def read_llamascopium(path: Path, weights_already_folded: bool = False) -> ForeignLorsa:
@@ -187,9 +194,7 @@ def _set_dataset_norm(
             raise CheckpointError(f"{lorsa.path}: {key} is {norm.tolist()}, expected one positive number.")
         norms.append(norm.item())
     lorsa.input_scale, lorsa.output_scale = (math.sqrt(lorsa.d_model) / norm for norm in norms)
-    lorsa.dataset_norm = (
-        f"dataset-wise (average norms: in {norms[0]:.6g}, out {norms[1]:.6g}), folded into the weights"
-    )
+    lorsa.dataset_norm = f"dataset-wise (average norms: in {norms[0]:.6g}, out {norms[1]:.6g}), folded into the weights"
     logger.warning(
         "%s: config.json says norm_activation 'dataset-wise', so the stored norms are folded into the weights. If "
         "this folder is the output of a finished llamascopium training run, its weights are already folded and its "

@@ -18,8 +18,15 @@ from typing import Any
 
 import torch
 
-from .foreign import CheckpointError, ForeignLorsa, check_rotary_buffers, check_shapes, read_json_config, require
-from .foreign import rotary_settings
+from .foreign import (
+    CheckpointError,
+    ForeignLorsa,
+    check_rotary_buffers,
+    check_shapes,
+    read_json_config,
+    require,
+    rotary_settings,
+)
 
 WEIGHTS_FILE = "final.pth"
 _KEYS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
@@ -39,14 +46,16 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as error:
         disallowed = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if disallowed is None:
-            raise CheckpointError(f"Cannot read {file}: it is no torch state dict; the file is corrupt or truncated.")
+            raise CheckpointError(
+                f"Cannot read {file}: it is no torch state dict; it is corrupt or truncated."
+            ) from None
         raise CheckpointError(
             f"{file} holds {disallowed.group(1)}, which needs unrestricted unpickling; lorsa_hf refuses that (it can "
             "run arbitrary code) and loads only plain tensor state dicts (torch.load with weights_only=True). "
             "Re-save the state dict with tensors only."
-        )
+        ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        raise CheckpointError(f"Cannot read {file} ({error}): the file is corrupt or truncated; fetch it again.")
+        raise CheckpointError(f"Cannot read {file} ({error}): the file is corrupt or truncated.") from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{file} is not a state dict of tensors (got {type(state_dict).__name__}).")
     return state_dict
@@ -65,9 +74,13 @@ def read_paper_era(path: Path, weights_already_folded: bool = False) -> ForeignL
     d_qk_head = require(config, "d_qk_head", int, path)
     d_model = require(config, "d_model", int, path)
     if config.get("d_ov_head") != 1:
-        raise CheckpointError(f"{path}: d_ov_head {config.get('d_ov_head')!r} is not supported; Lorsa heads have d_ov_head 1.")
+        raise CheckpointError(
+            f"{path}: d_ov_head {config.get('d_ov_head')!r} is not supported; Lorsa heads have d_ov_head 1."
+        )
     if config.get("virtual_kv_num", 0):
-        raise CheckpointError(f"{path}: virtual_kv_num {config['virtual_kv_num']} (learned extra keys) is not supported.")
+        raise CheckpointError(
+            f"{path}: virtual_kv_num {config['virtual_kv_num']} (learned extra keys) is not supported."
+        )
     mode = config.get("mode")
     if mode != "top_k":
         raise CheckpointError(
@@ -133,11 +146,15 @@ def _set_avg_norm(lorsa: ForeignLorsa, avg_norm: Any, weights_already_folded: bo
         lorsa.dataset_norm = "already in the weights (declared with weights_already_folded); avg_norm ignored"
         return
     if not isinstance(avg_norm, dict) or set(avg_norm) != {"in", "out"}:
-        raise CheckpointError(f"{lorsa.path}/config.json: avg_norm is {avg_norm!r}, expected {{'in': ..., 'out': ...}}.")
+        raise CheckpointError(
+            f"{lorsa.path}/config.json: avg_norm is {avg_norm!r}, expected {{'in': ..., 'out': ...}}."
+        )
     for key in ("in", "out"):
         value = avg_norm[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise CheckpointError(f"{lorsa.path}/config.json: avg_norm[{key!r}] is {value!r}, expected a positive number.")
+            raise CheckpointError(
+                f"{lorsa.path}/config.json: avg_norm[{key!r}] is {value!r}, expected a positive number."
+            )
     lorsa.input_scale = math.sqrt(lorsa.d_model) / avg_norm["in"]
     lorsa.output_scale = math.sqrt(lorsa.d_model) / avg_norm["out"]
     lorsa.dataset_norm = f"avg_norm (in {avg_norm['in']:.6g}, out {avg_norm['out']:.6g}), folded into the weights"

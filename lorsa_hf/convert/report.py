@@ -46,7 +46,8 @@ class ConversionReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        lines = [f"Converted {len(self.layers)} Lorsa layer(s) for {self.base_model or 'the base model'} ({self.base_model_type}):"]
+        base = f"{self.base_model or 'the base model'} ({self.base_model_type})"
+        lines = [f"Converted {len(self.layers)} Lorsa layer(s) for {base}:"]
         for entry in self.layers:
             lines += [
                 f"  layer {entry.layer}: {entry.source_format} checkpoint {entry.source}",
@@ -54,7 +55,8 @@ class ConversionReport:
                 f"K {entry.top_k}, {entry.activation}, attn_scale {entry.attn_scale:.6g}",
                 f"    rotary: {entry.rotary}; q/k norm: {entry.qk_norm}",
                 f"    input norm: {entry.input_norm_folded}",
-                f"    dataset norm: {entry.dataset_norm} (input x {entry.input_scale:.6g}, output / {entry.output_scale:.6g})",
+                f"    dataset norm: {entry.dataset_norm}",
+                f"    folded factors: input x {entry.input_scale:.6g}, output / {entry.output_scale:.6g}",
             ]
             lines += [f"    note: {note}" for note in entry.notes]
         return "\n".join(lines)

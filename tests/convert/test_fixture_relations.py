@@ -137,14 +137,14 @@ def test_paper_era_r5(fixtures: Path, io, bases) -> None:
 
 def test_spliced_input_is_the_recorded_attention_input(io, bases) -> None:
     """The fixture base models load here as they were recorded: layer LAYER's attention sees `hf_attn_in`."""
+    seen = {}
+
+    def record(_module, args, kwargs):
+        seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
     for arch, base in bases.items():
-        seen = {}
         layer = base.get_decoder().layers[LAYER]
         module = layer.attention if hasattr(layer, "attention") else layer.self_attn
-
-        def record(_module, args, kwargs):
-            seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
         handle = module.register_forward_pre_hook(record, with_kwargs=True)
         with torch.no_grad():
             base(io[arch]["tokens"])

@@ -187,15 +187,25 @@ def test_native_folder_is_not_converted(tmp_path: Path, fixtures: Path, bases) -
 
 def test_rotary_settings_parse_ntk_by_parts(tmp_path: Path) -> None:
     config = {
-        "positional_embedding_type": "rotary", "rotary_dim": 16, "rotary_base": 500000, "rotary_adjacent_pairs": False,
-        "use_NTK_by_parts_rope": True, "NTK_by_parts_factor": 8.0, "NTK_by_parts_low_freq_factor": 1.0,
-        "NTK_by_parts_high_freq_factor": 4.0, "old_context_len": 8192,
+        "positional_embedding_type": "rotary",
+        "rotary_dim": 16,
+        "rotary_base": 500000,
+        "rotary_adjacent_pairs": False,
+        "use_NTK_by_parts_rope": True,
+        "NTK_by_parts_factor": 8.0,
+        "NTK_by_parts_low_freq_factor": 1.0,
+        "NTK_by_parts_high_freq_factor": 4.0,
+        "old_context_len": 8192,
     }
     rotary_dim, adjacent, rope = rotary_settings(config, 16, tmp_path)
     assert (rotary_dim, adjacent) == (16, False)
     assert rope == {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
     }
     with pytest.raises(CheckpointError, match="must be below"):
         rotary_settings({**config, "NTK_by_parts_low_freq_factor": 4.0}, 16, tmp_path)
