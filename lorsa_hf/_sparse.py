@@ -31,8 +31,10 @@ def project_queries_keys_values(
     b_K: torch.Tensor,
     W_V: torch.Tensor,
     b_V: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads).
+    with_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads;
+    None without `with_values`, for a step whose z comes from cached inputs).
 
     Q and K are one batched matmul per weight against the stored [n_qk, d, d_qk] layout (x broadcast over the
     groups, bias fused), V one matmul against the stored [n_ov, d] layout: no weight is copied into another
@@ -43,6 +45,8 @@ def project_queries_keys_values(
     tokens = hidden_states.reshape(1, batch_size * seq_len, d).expand(n_qk, -1, -1)
     query = torch.baddbmm(b_Q[:, None, :], tokens, W_Q).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
     key = torch.baddbmm(b_K[:, None, :], tokens, W_K).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
+    if not with_values:
+        return query, key, None
     value = F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, n_qk, -1).transpose(1, 2)
     return query, key, value
 

@@ -109,9 +109,14 @@ class LorsaLayer(nn.Module):
             raise ValueError(f"top_k must be between 1 and n_ov_heads ({config.n_ov_heads}), got {top_k}.")
         batch_size, seq_len, _ = hidden_states.shape
 
+        # A cache of inputs serves every step after the first in the input form (attend over x, then project
+        # with W_V: LORSA.md section 1b), which needs no values for the new tokens
+        past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        input_form = cache is not None and config.cached_inputs and past_length > 0
+
         # Projections: q, k [B, n_qk, T, d_qk]; v [B, n_qk, T, g] (the g scalar values of each group's heads)
         query, key, value = project_queries_keys_values(
-            hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K, self.W_V, self.b_V
+            hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K, self.W_V, self.b_V, with_values=not input_form
         )
         if config.use_qk_norm:
             query = self._qk_norm(query, self.q_norm_weight)
@@ -120,26 +125,22 @@ class LorsaLayer(nn.Module):
         if config.rotary_dim > 0:
             if position_embeddings is None:
                 if position_ids is None:
-                    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-                    position_ids = torch.arange(past, past + seq_len, device=hidden_states.device)[None]
+                    position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
                 position_embeddings = self.rotary_emb(hidden_states, position_ids)
             cos, sin = position_embeddings
             query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs)
             key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs)
 
-        # z_i[s] = sum_t A_h(i)[s, t] v_i[t]: one attention per QK group with value width g. A cache of inputs
-        # serves later steps in the input form (attend over x, then project with W_V: LORSA.md section 1b)
-        scale = 1.0 / config.attn_scale
         if cache is not None and config.cached_inputs:
-            past_length = cache.get_seq_length(self.layer_idx)
             key, inputs = cache.update(key, self._cacheable_inputs(hidden_states), self.layer_idx)
-            if past_length == 0:
-                z = group_attention(query, key, value, attention_mask, scale=scale)
-            else:
-                z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
+        elif cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        # z_i[s] = sum_t A_h(i)[s, t] v_i[t]: one attention per QK group with value width g
+        scale = 1.0 / config.attn_scale
+        if input_form:
+            z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
         else:
-            if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx)
             z = group_attention(query, key, value, attention_mask, scale=scale)
         z = z.transpose(1, 2).reshape(batch_size * seq_len, config.n_ov_heads)  # head i = group * g + j
 

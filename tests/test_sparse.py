@@ -1,0 +1,254 @@
+"""The fast (sparse) Lorsa path equals the dense reference path, does no work proportional to n_ov x d beyond
+the V projection where the math does not need it, and the input cache keeps generation exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import DynamicCache
+
+from lorsa_hf import LorsaConfig
+from lorsa_hf._sparse import sparse_decode
+from tests.conftest import VOCAB, make_base, make_lorsa
+
+LAYER = 1
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def lorsa_pair(activation: str, ties: bool = False, device: str = "cpu", **overrides):
+    """A sparse and a dense copy of the same random Lorsa (tiny Llama base, d 64, n_qk 4, n_ov 128)."""
+    values = dict(n_ov_heads=128, top_k=8, activation=activation)
+    values.update(overrides)
+    sparse = make_lorsa(make_base("llama").config, [LAYER], **values)
+    if ties:  # heads 2j and 2j + 1 identical: equal z, equal decoder norms, so every score is tied in pairs
+        with torch.no_grad():
+            layer = sparse.layer(LAYER)
+            for name in ("W_V", "W_O", "b_V"):
+                getattr(layer, name)[1::2] = getattr(layer, name)[0::2]
+    dense = copy.deepcopy(sparse)
+    dense.config.implementation = "dense"
+    return sparse.to(device), dense.to(device)
+
+
+def run_with_gradients(lorsa, x: torch.Tensor, grad: torch.Tensor, top_k: int | None = None):
+    """Forward with activations, a loss on the output and on the kept activations, and every gradient."""
+    lorsa.zero_grad(set_to_none=True)
+    out = lorsa(x, top_k=top_k)
+    loss = (out.hidden_states * grad).sum() + 0.1 * out.top_k_values.abs().sum()
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in lorsa.named_parameters()}
+    return out, gradients
+
+
+def assert_same_path_results(sparse, dense, x, top_k=None, atol=1e-5, rtol=1e-4):
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+    out_s, grads_s = run_with_gradients(sparse, x, grad, top_k)
+    out_d, grads_d = run_with_gradients(dense, x, grad, top_k)
+    assert torch.equal(out_s.z, out_d.z)
+    assert torch.equal(out_s.top_k_indices, out_d.top_k_indices)
+    torch.testing.assert_close(out_s.top_k_values, out_d.top_k_values, atol=0, rtol=0)
+    torch.testing.assert_close(out_s.activations(), out_d.activations(), atol=0, rtol=0)
+    torch.testing.assert_close(out_s.hidden_states, out_d.hidden_states, atol=atol, rtol=rtol)
+    assert grads_s.keys() == grads_d.keys()
+    for name in grads_s:
+        torch.testing.assert_close(grads_s[name], grads_d[name], atol=atol, rtol=rtol, msg=f"gradient of {name}")
+    return out_s, grads_s
+
+
+@pytest.mark.parametrize("activation", ["topk_abs", "topk_relu"])
+@pytest.mark.parametrize("case", ["plain", "ties", "k_equals_n_ov"])
+def test_sparse_equals_dense_outputs_activations_and_every_gradient(activation, case):
+    sparse, dense = lorsa_pair(activation, ties=case == "ties")
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
+    top_k = 128 if case == "k_equals_n_ov" else None
+    out, grads = assert_same_path_results(sparse, dense, x, top_k=top_k)
+    if case == "ties":
+        scores = out.z.abs() if activation == "topk_abs" else out.z.relu()
+        assert torch.equal(scores[..., 0::2], scores[..., 1::2])  # the selection really had to break ties
+    if case == "k_equals_n_ov":
+        assert out.top_k_indices.sort(-1).values.equal(torch.arange(128).expand(2, 12, 128))
+
+
+@pytest.mark.parametrize("activation", ["topk_abs", "topk_relu"])
+def test_gradient_reaches_w_o_only_in_selected_rows(activation):
+    sparse, _ = lorsa_pair(activation, top_k=4)
+    x = torch.randn(1, 3, 64)
+    out, grads = run_with_gradients(sparse, x, torch.randn(1, 3, 64))
+    selected = torch.zeros(128, dtype=torch.bool)
+    selected[out.top_k_indices.flatten()] = True
+    assert grads["layers.1.W_O"][~selected].abs().max() == 0
+    assert grads["layers.1.W_O"][selected].abs().sum(-1).min() > 0
+
+
+def test_float64_paths_agree_to_float64_precision():
+    sparse, dense = lorsa_pair("topk_abs", dtype=torch.float64)
+    x = torch.randn(2, 9, 64, dtype=torch.float64)
+    assert_same_path_results(sparse, dense, x, atol=1e-12, rtol=1e-10)
+
+
+def test_sparse_backward_keeps_nothing_of_size_tokens_by_heads_that_dense_keeps():
+    """Saved for backward: the dense path's activations [N, n_ov] and its dense decode inputs are gone."""
+    sizes = {}
+    x = torch.randn(2, 16, 64)
+    for implementation, lorsa in zip(("sparse", "dense"), lorsa_pair("topk_abs", n_ov_heads=512, top_k=8), strict=True):
+        saved = []
+
+        def pack(tensor, saved=saved):
+            saved.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = lorsa(x).hidden_states
+        sizes[implementation] = sum(1 for numel in saved if numel == 2 * 16 * 512)
+        out.sum().backward()
+    assert sizes["sparse"] < sizes["dense"]
+    assert sizes["sparse"] <= 2  # the attention's value input and output: the floor
+
+
+def _step_flops(lorsa, cache_format: str, context: int) -> tuple[int, DynamicCache]:
+    layer = lorsa.layer(LAYER)
+    lorsa.config.cache_format = cache_format
+    cache = DynamicCache()
+    with torch.no_grad():
+        layer(torch.randn(1, context, 64), cache=cache)
+        with FlopCounterMode(display=False) as counter:
+            layer(torch.randn(1, 1, 64), cache=cache)
+    return counter.get_total_flops(), cache
+
+
+@pytest.mark.parametrize("implementation", ["sparse", "dense"])
+def test_decode_step_does_no_dense_n_ov_by_d_work_beyond_the_v_projection(implementation):
+    n_ov, d, n_qk, d_qk, context = 1024, 64, 4, 16, 40
+    lorsa = make_lorsa(make_base("llama").config, [LAYER], n_ov_heads=n_ov, top_k=8, d_qk_head=d_qk)
+    lorsa.config.implementation = implementation
+    flops, cache = _step_flops(lorsa, "inputs", context)
+    length = context + 1
+    floor = 2 * (2 * d * n_qk * d_qk + d * n_ov + n_qk * length * (d_qk + d))  # projections + attention over x
+    if implementation == "sparse":
+        assert flops <= floor
+    else:
+        assert flops >= floor + 2 * n_ov * d  # the dense decode: what the sparse path leaves out
+    keys, inputs = cache.layers[LAYER].keys, cache.layers[LAYER].values
+    assert keys.shape[1] * keys.shape[-1] + inputs.shape[1] * inputs.shape[-1] == n_qk * d_qk + d
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def spliced(arch: str, cache_format: str, implementation: str = "sparse"):
+    model = make_base(arch)
+    lorsa = make_lorsa(model.config, [0, 2], cache_format=cache_format, implementation=implementation)
+    return lorsa.splice(model), lorsa
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("implementation", ["sparse", "dense"])
+def test_generate_with_an_input_cache_equals_recomputing_and_the_value_cache(arch, implementation):
+    model, lorsa = spliced(arch, "inputs", implementation)
+    prompts = [tokens(1, 4, seed=1)[0], tokens(1, 7, seed=2)[0]]
+    input_ids = torch.full((2, 7), model.config.pad_token_id)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, 7 - len(prompt) :], mask[row, 7 - len(prompt) :] = prompt, 1
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    with torch.no_grad():
+        cached = model.generate(input_ids, use_cache=True, **kwargs)
+        recomputed = model.generate(input_ids, use_cache=False, **kwargs)
+        lorsa.config.cache_format = "values"
+        values = model.generate(input_ids, use_cache=True, **kwargs)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert torch.equal(cached.sequences, values.sequences)
+    for step_cached, step_recomputed in zip(cached.logits, recomputed.logits, strict=True):
+        torch.testing.assert_close(step_cached, step_recomputed, rtol=0, atol=1e-4)
+
+
+def test_input_cache_holds_x_and_keys_and_auto_picks_the_smaller():
+    model, lorsa = spliced("llama", "auto")
+    assert lorsa.config.cached_inputs  # n_ov 128 > d 64
+    with torch.no_grad():
+        cache = model(tokens(2, 5), use_cache=True).past_key_values
+    config = lorsa.config
+    for layer in (0, 2):
+        assert tuple(cache.layers[layer].keys.shape) == (2, config.n_qk_heads, 5, config.d_qk_head)
+        assert tuple(cache.layers[layer].values.shape) == (2, config.n_qk_heads, 5, 64 // config.n_qk_heads)
+    assert not LorsaConfig(hidden_size=64, n_ov_heads=64, n_qk_heads=4, top_k=4, cache_format="auto").cached_inputs
+
+
+def test_input_cache_when_n_qk_does_not_divide_d():
+    """n_qk 3 does not divide d 64: x is cached as one [B, 1, T, d] row; cached steps still equal a full pass."""
+    lorsa = make_lorsa(make_base("llama").config, [LAYER], n_ov_heads=96, n_qk_heads=3, top_k=8, cache_format="inputs")
+    layer = lorsa.layer(LAYER)
+    x = torch.randn(2, 9, 64)
+    cache = DynamicCache()
+    with torch.no_grad():
+        full = layer(x).hidden_states
+        steps = [layer(x[:, :5], cache=cache).hidden_states]
+        steps += [layer(x[:, t : t + 1], cache=cache).hidden_states for t in range(5, 9)]
+    assert tuple(cache.layers[LAYER].values.shape) == (2, 1, 9, 64)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_autocast_is_close_to_float32_and_trains():
+    sparse, dense = lorsa_pair("topk_abs", n_ov_heads=256, top_k=16)
+    x = torch.randn(2, 32, 64)
+    with torch.no_grad():
+        reference = sparse(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse(x)
+        dense_out = dense(x)
+    # sharp random attention: bf16 logits move some heads across the TopK boundary (see docs/performance.md)
+    same = (out.top_k_indices[..., :, None] == reference.top_k_indices[..., None, :]).any(-1).float().mean()
+    assert same > 0.9
+    for result in (out, dense_out):
+        relative = (result.hidden_states.float() - reference.hidden_states).norm() / reference.hidden_states.norm()
+        assert relative < 0.1
+    out.hidden_states.float().pow(2).mean().backward()
+    for name, parameter in sparse.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+def test_bfloat16_weights_without_autocast():
+    sparse, dense = lorsa_pair("topk_relu", dtype=torch.bfloat16)
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    out = sparse(x)
+    out.hidden_states.float().sum().backward()
+    assert out.hidden_states.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad.float()).all() for p in sparse.parameters())
+
+
+def test_config_validates_implementation_and_cache_format():
+    with pytest.raises(ValueError, match="LorsaConfig.implementation"):
+        LorsaConfig(implementation="fast")
+    with pytest.raises(ValueError, match="LorsaConfig.cache_format"):
+        LorsaConfig(cache_format="x")
+    assert LorsaConfig().implementation == "sparse"
+
+
+@requires_cuda
+@pytest.mark.parametrize("activation", ["topk_abs", "topk_relu"])
+def test_cuda_sparse_equals_dense(activation):
+    sparse, dense = lorsa_pair(activation, device="cuda")
+    x = torch.randn(2, 12, 64, device="cuda")
+    assert_same_path_results(sparse, dense, x, atol=1e-4, rtol=1e-3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sparse_decode_kernel_equals_embedding_bag(dtype):
+    from lorsa_hf.kernels import triton_sparse_decode
+
+    if triton_sparse_decode is None:
+        pytest.skip("Triton is not installed: the CUDA path falls back to embedding_bag")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    W_O = torch.randn(3000, 300, device="cuda", generator=generator).to(dtype)
+    indices = torch.randint(0, 3000, (77, 45), device="cuda", generator=generator)
+    values = torch.randn(77, 45, device="cuda", generator=generator).to(dtype)
+    expected = torch.nn.functional.embedding_bag(indices, W_O.float(), per_sample_weights=values.float(), mode="sum")
+    actual = sparse_decode(values, indices, W_O)
+    torch.testing.assert_close(actual.float(), expected, atol=1e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2)
