@@ -15,7 +15,7 @@ from ..modeling_lorsa import LorsaForReplacement
 from .base_model import BaseModelInfo, BaseModelLike, load_base_model_info
 from .folding import fold
 from .foreign import CheckpointError, ForeignLorsa, read_json_config
-from .hub import fetch_folder, is_local
+from .hub import fetch_folder, is_local, split_source
 from .llamascopium import WEIGHTS_FILE as LLAMASCOPIUM_WEIGHTS
 from .llamascopium import is_llamascopium_config, layer_from_hooks, read_llamascopium
 from .paper_era import WEIGHTS_FILE as PAPER_ERA_WEIGHTS
@@ -66,6 +66,7 @@ def foreign_format(
     """`"llamascopium"` or `"paper_era"` when `source/subfolder` (a folder or Hub repo) holds a Lorsa in that
     format, or one such subfolder per layer; None for our own format and for anything unreadable (left for
     `from_pretrained` to report)."""
+    source, subfolder = split_source(source, subfolder)
     try:
         root = fetch_folder(source, _CONFIG_PATTERNS, subfolder, revision, cache_dir, token)
         kinds = set(_checkpoints(root).values())
@@ -243,7 +244,7 @@ def convert_checkpoint(
 
     Args:
         source: A checkpoint folder, or a folder / Hub repo holding one checkpoint subfolder per layer; local path
-            or Hub repo id (with `subfolder` and `revision`).
+            or Hub repo id (with `subfolder` and `revision`; llamascopium's `repo_id:subfolder` also works).
         base_model: The base model (loaded, or a folder / Hub repo id whose config and safetensors are read).
         output_dir: When given, the converted Lorsa and `conversion_report.json` are written there atomically.
         layers: Base-model layer(s) to convert from a multi-layer source (default: all), or the layer of a
@@ -257,6 +258,7 @@ def convert_checkpoint(
         `Conversion(lorsa, report)`.
     """
     layer_list = None if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+    source, subfolder = split_source(source, subfolder)
     hub = dict(revision=revision, cache_dir=cache_dir, token=token)
     root = fetch_folder(source, _CONFIG_PATTERNS, subfolder, **hub)
     selected = _select(_checkpoints(root), root, layer_list)

@@ -94,3 +94,11 @@ def fetch_folder(
             f"{subfolder or 'its root'!r}; check the subfolder."
         )
     return folder
+
+
+def split_source(source: str | os.PathLike, subfolder: str = "") -> tuple[str | os.PathLike, str]:
+    """(source, subfolder), accepting llamascopium's `repo_id:subfolder` spelling of a Hub checkpoint."""
+    if is_local(source) or not isinstance(source, str) or ":" not in source:
+        return source, subfolder
+    repo_id, inside = source.split(":", 1)
+    return repo_id, "/".join(part for part in (subfolder.strip("/"), inside.strip("/")) if part)

@@ -100,6 +100,9 @@ def test_hub_repo_with_subfolder_and_revision(fixtures: Path, per_layer: Path, i
     assert loaded.config.layers == [0, 1]
     torch.testing.assert_close(_output(loaded, io), io["gpt_neox"]["lorsa_out_llamascopium"], atol=ATOL, rtol=0)
 
+    colon = convert_checkpoint("someone/lorsa-pythia:pythia-70m-tiny/L1", "someone/tiny-neox", cache_dir=cache)
+    assert colon.lorsa.config.layers == [1]
+
     with pytest.raises(CheckpointError, match="no Lorsa files under 'elsewhere'"):
         convert_checkpoint("someone/lorsa-pythia", "someone/tiny-neox", subfolder="elsewhere", cache_dir=cache)
     with pytest.raises(CheckpointError, match="no local folder and the Hub answered"):
