@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 
 from .convert.cli import register as _register_convert
 from .embedded import register_cli as _register_embedded
+from .evals.cli import register_eval as _register_eval
+from .training.cli import register_train as _register_train
 
 Registrar = Callable[[argparse._SubParsersAction], None]
 
@@ -24,7 +26,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-SUBCOMMANDS: list[Registrar] = [_register_demo, _register_embedded, _register_convert]
+SUBCOMMANDS: list[Registrar] = [_register_demo, _register_embedded, _register_convert, _register_train, _register_eval]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
