@@ -17,6 +17,8 @@ def is_local(source: str | os.PathLike) -> bool:
 
 
 def _hub_error(source: str, what: str, error: Exception) -> CheckpointError:
+    if isinstance(error, HFValidationError):
+        return CheckpointError(f"{source!r} is neither an existing local folder nor a valid Hub repo id.")
     return CheckpointError(
         f"Cannot fetch {what} of {source!r}: it is no local folder and the Hub answered: "
         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "

@@ -172,6 +172,7 @@ def test_zero_gain_is_refused(llamascopium: Path, bases) -> None:
 
 
 def test_not_a_lorsa_folder(tmp_path: Path, bases) -> None:
+    _refused(tmp_path / "missing", bases["gpt_neox"], "neither an existing local folder nor a valid Hub repo id")
     (tmp_path / "empty").mkdir()
     _refused(tmp_path / "empty", bases["gpt_neox"], "holds no Lorsa checkpoint")
     (tmp_path / "other").mkdir()
