@@ -141,7 +141,8 @@ def check_rotary_buffers(lorsa: ForeignLorsa, sin: torch.Tensor | None, cos: tor
             f"{lorsa.path}: rotary buffers have shape {tuple(sin.shape)}/{tuple(cos.shape)}, expected "
             f"[n_ctx, {lorsa.rotary_dim}] for rotary_dim {lorsa.rotary_dim}; the weights do not match the config."
         )
-    rotary = LorsaRotaryEmbedding(lorsa.rotary_dim, lorsa.rope_parameters, max(n_ctx, 1))
+    max_positions = max(n_ctx, int(lorsa.rope_parameters.get("original_max_position_embeddings", 1)) + 1)
+    rotary = LorsaRotaryEmbedding(lorsa.rotary_dim, lorsa.rope_parameters, max_positions)
     ours_cos, ours_sin = rotary(torch.zeros((), dtype=torch.float64), torch.arange(n_ctx)[None])
     ours_cos, ours_sin = ours_cos[0], ours_sin[0]
     if lorsa.rotary_adjacent_pairs:

@@ -130,6 +130,11 @@ def read_paper_era(path: Path, weights_already_folded: bool = False) -> ForeignL
         input_is_normalized_residual=False,
         model_name=config.get("model_name"),
     )
+    if config.get("use_z_relu"):
+        lorsa.notes.append(
+            "use_z_relu: heads selected on relu(z)*||W_O||; the paper-era code keeps signed z, which equals relu(z) "
+            "on the selected heads whenever at least K heads have positive z"
+        )
     if lorsa.model_name:
         lorsa.notes.append(f"trained on {lorsa.model_name!r} (as its config.json records)")
     _set_avg_norm(lorsa, config.get("avg_norm"), weights_already_folded)
