@@ -17,7 +17,7 @@ $(PY):
 
 setup: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,eval]"
 
 demo: setup
 	$(VENV)/bin/lorsa-hf demo
