@@ -20,7 +20,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._attention import boolean_attention_mask
+from ._attention import boolean_attention_mask, group_attention
+
+FUSED_PROJECTION_MIN_TOKENS = 64
 
 
 def project_queries_keys_values(
@@ -36,19 +38,50 @@ def project_queries_keys_values(
     """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads;
     None without `with_values`, for a step whose z comes from cached inputs).
 
-    Q and K are one batched matmul per weight against the stored [n_qk, d, d_qk] layout (x broadcast over the
-    groups, bias fused), V one matmul against the stored [n_ov, d] layout: no weight is copied into another
-    layout, which matters for a decode step, where a weight copy costs as much as the matmul itself.
+    From `FUSED_PROJECTION_MIN_TOKENS` tokens on, Q and K are one matmul with a fused [2 n_qk d_qk, d] weight
+    (rebuilt per call from the stored [n_qk, d, d_qk] layout, so gradients flow and nothing can go stale; the copy
+    is small next to the matmul). For fewer tokens (a decode step) the copy would cost more than the
+    matrix-vector product itself, so Q and K are batched over the groups against the stored layout. V is one
+    matmul against its stored [n_ov, d] layout, which already is the one a matmul wants.
     """
     batch_size, seq_len, d = hidden_states.shape
     n_qk, _, d_qk = W_Q.shape
-    tokens = hidden_states.reshape(1, batch_size * seq_len, d).expand(n_qk, -1, -1)
-    query = torch.baddbmm(b_Q[:, None, :], tokens, W_Q).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
-    key = torch.baddbmm(b_K[:, None, :], tokens, W_K).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
+    if batch_size * seq_len >= FUSED_PROJECTION_MIN_TOKENS:
+        weight = torch.cat((W_Q.transpose(1, 2).reshape(-1, d), W_K.transpose(1, 2).reshape(-1, d)))
+        query_key = F.linear(hidden_states, weight, torch.cat((b_Q.reshape(-1), b_K.reshape(-1))))
+        query_key = query_key.view(batch_size, seq_len, 2, n_qk, d_qk)
+        query, key = query_key[:, :, 0].transpose(1, 2), query_key[:, :, 1].transpose(1, 2)
+    else:
+        tokens = hidden_states.reshape(1, batch_size * seq_len, d).expand(n_qk, -1, -1)
+        query = torch.baddbmm(b_Q[:, None, :], tokens, W_Q).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
+        key = torch.baddbmm(b_K[:, None, :], tokens, W_K).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
     if not with_values:
         return query, key, None
     value = F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, n_qk, -1).transpose(1, 2)
     return query, key, value
+
+
+def causal_group_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object, scale: float
+) -> torch.Tensor:
+    """`group_attention` [B, n_qk, T, g], through PyTorch's fused causal (flash) attention where it applies.
+
+    The fused kernel wants value width == d_qk, so the g values of a group are split into g / d_qk chunks that
+    each attend with the group's own q and k (repeated per chunk). Compared with the unfused attention that a
+    value width g != d_qk gets, it skips the masked half, keeps no [T, S] pattern for backward and reads v and
+    writes z in the [B, T, n_ov] layout of the projections. Applies to plain causal self-attention (no mask,
+    no cache) with d_qk dividing g; everything else goes to `group_attention`.
+    """
+    batch_size, n_qk, seq_len, d_qk = query.shape
+    group_size = value.shape[-1]
+    if attention_mask is not None or key.shape[-2] != seq_len or group_size % d_qk != 0:
+        return group_attention(query, key, value, attention_mask, scale)
+    chunks = group_size // d_qk
+    query = query.repeat_interleave(chunks, dim=1)  # [B, n_qk * chunks, T, d_qk]
+    key = key.repeat_interleave(chunks, dim=1)
+    value = value.transpose(1, 2).reshape(batch_size, seq_len, n_qk * chunks, d_qk).transpose(1, 2)
+    z = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+    return z.transpose(1, 2).reshape(batch_size, seq_len, n_qk, group_size).transpose(1, 2)
 
 
 def input_form_attention(
@@ -148,7 +181,8 @@ def _selected_rows_gradient(
     that selected head i. That is itself an `embedding_bag`, with one bag per head over the token rows."""
     num_tokens, top_k = indices.shape
     flat = indices.reshape(-1)
-    order = torch.argsort(flat)
+    # sorting the head indices as floats (exact below 2**24 heads) is over 50x faster on CPU than as int64 here
+    order = torch.argsort(flat.to(torch.float32 if n_ov <= 2**24 else torch.float64))
     offsets = torch.zeros(n_ov, dtype=torch.long, device=flat.device)
     offsets[1:] = torch.bincount(flat, minlength=n_ov).cumsum(0)[:-1]
     tokens = torch.div(order, top_k, rounding_mode="floor")

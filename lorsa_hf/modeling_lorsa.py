@@ -15,10 +15,15 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from ._attention import group_attention
 from ._io import atomic_save_directory
 from ._rotary import LorsaRotaryEmbedding, apply_rotary
-from ._sparse import dense_top_k_decode, input_form_attention, project_queries_keys_values, sparse_top_k_decode
+from ._sparse import (
+    causal_group_attention,
+    dense_top_k_decode,
+    input_form_attention,
+    project_queries_keys_values,
+    sparse_top_k_decode,
+)
 from .configuration_lorsa import LorsaConfig
 
 if TYPE_CHECKING:
@@ -141,7 +146,7 @@ class LorsaLayer(nn.Module):
         if input_form:
             z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
         else:
-            z = group_attention(query, key, value, attention_mask, scale=scale)
+            z = causal_group_attention(query, key, value, attention_mask, scale=scale)
         z = z.transpose(1, 2).reshape(batch_size * seq_len, config.n_ov_heads)  # head i = group * g + j
 
         # TopK selection weighted by the decoder norms, then the decode: the K selected rows of W_O per token
