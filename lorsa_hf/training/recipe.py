@@ -194,6 +194,11 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
             raise RecipeError(f"Recipe key {path} must be a list, got {value!r}.")
         return [_check_type(f"{path}[{i}]", item, args[0]) for i, item in enumerate(value)]
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"Recipe key {path} must be a number, got {value!r}.")
         return float(value)

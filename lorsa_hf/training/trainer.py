@@ -18,6 +18,7 @@ import copy
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -616,6 +617,8 @@ class LorsaTrainer:
             if found is None:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.output_dir / 'checkpoints'}.")
             self.load_checkpoint(found)
+            if acc.is_main_process:
+                self._truncate_log()
         self._heldout = self._heldout_batches()
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -670,6 +673,23 @@ class LorsaTrainer:
         if training.loggers:
             acc.end_training()
         return final
+
+    def _truncate_log(self) -> None:
+        """Drop what the killed run logged after the checkpoint (and a line cut short by the kill)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("step", 0) <= self.step:
+                kept.append(line)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:

@@ -1,0 +1,65 @@
+"""Initialisation from the base model's heads: exact with every head active, and a better start than random."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorsa_hf import LorsaConfig, LorsaForReplacement
+from lorsa_hf.training import LorsaTrainer, recipe_from_dict
+from lorsa_hf.training.activations import ActivationSource
+from lorsa_hf.training.init import initialize_layer
+from lorsa_hf.training.recipe import InitSection
+
+from .conftest import make_model, tiny_recipe_dict
+
+MHSA = {"qk": "base", "ov": "base", "b_o": "mean", "match_norm": True}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("n_qk_heads,n_ov_heads", [(4, 32), (4, 64), (8, 64)])
+def test_base_init_reproduces_the_attention_block_with_every_head_active(tokenizer, arch, n_qk_heads, n_ov_heads):
+    """With K = n_ov the heads of a group sum to their base head's OV circuit (a Parseval frame when g >= hd)."""
+    model = make_model(arch, tokenizer)
+    config = LorsaConfig.from_base_config(
+        model.config, [1], n_qk_heads=n_qk_heads, n_ov_heads=n_ov_heads, top_k=n_ov_heads
+    )
+    layer = LorsaForReplacement(config).layer(1)
+    ids = torch.randint(3, len(tokenizer), (2, 20))
+    attention = torch.ones_like(ids)
+    acts = ActivationSource(model, [1])(ids, attention)[1]
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    options = InitSection(qk="base", ov="base", b_o="mean")
+    calibration = (acts.inputs, acts.outputs, mask, None)
+    initialize_layer(layer, options, model, seed=0, calibration=calibration, top_k=n_ov_heads)
+    with torch.no_grad():
+        prediction = layer(acts.inputs).hidden_states
+    torch.testing.assert_close(prediction, acts.outputs, atol=2e-5, rtol=1e-4)
+
+
+def test_base_qk_needs_the_base_head_geometry(tokenizer):
+    model = make_model("llama", tokenizer)
+    layer = LorsaForReplacement(LorsaConfig.from_base_config(model.config, [0], d_qk_head=4, n_ov_heads=32)).layer(0)
+    with pytest.raises(ValueError, match="d_qk_head is 4 but the base head dimension is 8.*init.qk: random"):
+        initialize_layer(layer, InitSection(qk="base"), model, seed=0, calibration=None, top_k=8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_mhsa_init_starts_at_lower_fvu_than_random(tiny_files, tmp_path, arch):
+    fvu = {}
+    for name, init in (("random", {}), ("mhsa", MHSA)):
+        recipe = recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path / name, arch=arch, init=init))
+        trainer = LorsaTrainer(recipe)
+        trainer._heldout = trainer._heldout_batches()
+        fvu[name] = trainer.evaluate()["heldout/fvu"]
+    assert fvu["mhsa"] < 0.75 * fvu["random"], fvu
+
+
+def test_same_layer_same_init_whatever_else_is_trained(tiny_files, tmp_path):
+    """Each layer draws from its own generator, so layer 1 starts equal alone or next to layer 0."""
+    starts = []
+    for layers in ([0, 1], [1]):
+        values = tiny_recipe_dict(tiny_files, tmp_path / str(len(layers)), init=MHSA)
+        values["lorsa"]["layers"] = layers
+        starts.append(LorsaTrainer(recipe_from_dict(values)).lorsa.layer(1).state_dict())
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])

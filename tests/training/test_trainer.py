@@ -1,0 +1,167 @@
+"""Training on a tiny model: FVU falls, metrics are what they claim, kill-and-resume is bit-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lorsa_hf import LorsaForReplacement
+from lorsa_hf.cli import main
+from lorsa_hf.training import LorsaTrainer, recipe_from_dict
+from lorsa_hf.training.recipe import RecipeError
+from lorsa_hf.training.trainer import lr_factor, top_k_at
+
+from .conftest import tiny_recipe_dict
+
+
+def test_short_run_lowers_fvu_well_below_start(tiny_files, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, training={"lr": 3e-2, "max_steps": 40}))
+    trainer = LorsaTrainer(recipe)
+    trainer._heldout = trainer._heldout_batches()
+    start = trainer.evaluate()
+    final = trainer.train()
+    assert final["heldout/fvu"] < 0.5 * start["heldout/fvu"], (start["heldout/fvu"], final["heldout/fvu"])
+    assert final["heldout/l0"] == pytest.approx(4.0)
+
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in logs if "loss" in entry]
+    assert [entry["step"] for entry in steps] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert steps[0]["k"] > steps[-1]["k"] == 4
+    for key in ("tokens", "tokens_per_s", "fvu", "l0", "dead_fraction", "lr", "layer0/fvu", "layer1/dead_fraction"):
+        assert key in steps[-1]
+
+    folder = tmp_path / "final"
+    lorsa = LorsaForReplacement.from_pretrained(folder)
+    assert lorsa.config.layers == [0, 1] and lorsa.config.top_k == 4
+    assert json.loads((folder / "training_recipe.json").read_text())["training"]["max_steps"] == 40
+    assert json.loads((folder / "final_metrics.json").read_text())["heldout/fvu"] == final["heldout/fvu"]
+
+
+def test_heldout_metrics_are_computed_as_defined(tiny_files, tmp_path):
+    """FVU = sum |y - y_hat|^2 / sum |y - mean y|^2 over non-BOS tokens; L0 = active heads per token."""
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, lorsa={"activation": "topk_relu", "top_k": 48}))
+    trainer = LorsaTrainer(recipe)
+    trainer._heldout = trainer._heldout_batches()
+    metrics = trainer.evaluate()
+    for layer in (0, 1):
+        errors, targets, active, fired = [], [], [], torch.zeros(64, dtype=torch.bool)
+        for ids, attention in trainer._heldout:
+            acts = trainer.source(ids, attention)[layer]
+            mask = ids != trainer.tokenizer.bos_token_id
+            with torch.no_grad():
+                out = trainer.lorsa(acts.inputs, layer=layer)
+            errors.append((out.hidden_states - acts.outputs)[mask].double())
+            targets.append(acts.outputs[mask].double())
+            activations = out.activations()[mask]
+            active.append((activations != 0).sum(-1).double())
+            fired |= (activations != 0).any(0)
+        target = torch.cat(targets)
+        fvu = torch.cat(errors).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
+        assert metrics[f"heldout/layer{layer}/fvu"] == pytest.approx(float(fvu), rel=1e-6)
+        assert metrics[f"heldout/layer{layer}/l0"] == pytest.approx(float(torch.cat(active).mean()), rel=1e-6)
+        assert metrics[f"heldout/layer{layer}/dead_fraction"] == pytest.approx(1 - float(fired.double().mean()))
+    assert metrics[f"heldout/layer{layer}/l0"] < 48  # topk_relu: negative selected activations are zero
+
+
+def test_schedules():
+    recipe = recipe_from_dict(
+        {"lorsa": {"layers": [0]}, "training": {"max_steps": 100, "k_initial": 256, "k_anneal_fraction": 0.1,
+                                                "warmup_fraction": 0.1, "final_lr_fraction": 0.01}}
+    )
+    assert [top_k_at(s, 100, recipe, 16) for s in (0, 5, 10, 99)] == [256, 136, 16, 16]
+    recipe.training.k_anneal = "exponential"
+    assert [top_k_at(s, 100, recipe, 16) for s in (0, 5, 10)] == [256, 64, 16]
+    assert lr_factor(0, 100, recipe) == pytest.approx(0.1) and lr_factor(9, 100, recipe) == pytest.approx(1.0)
+    assert lr_factor(10, 100, recipe) == pytest.approx(1.0) and lr_factor(100, 100, recipe) == pytest.approx(0.01)
+
+
+def test_aux_loss_trains_only_dead_heads_and_freeze_qk(tiny_files, tmp_path):
+    values = tiny_recipe_dict(
+        tiny_files, tmp_path, training={"aux_loss_coef": 1.0, "k_aux": 8, "max_steps": 3}, init={"freeze_qk": True}
+    )
+    trainer = LorsaTrainer(recipe_from_dict(values))
+    ids, attention = trainer._heldout_batches()[0]
+    batch = trainer._prepare_batch(ids, attention)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[10:30] = True
+    trainer.tokens_since_fired[0][dead] = trainer.recipe.training.dead_tokens
+    layer = trainer.lorsa.layer(0)
+    out = layer(batch.activations[0].inputs, output_activations=True, top_k=4)
+    error = (out.hidden_states - batch.activations[0].outputs)[batch.loss_mask]
+    aux = trainer._aux_loss(0, error, out.z, batch.activations[0].outputs, batch.loss_mask)
+    aux.backward()
+    assert aux > 0
+    rows_with_grad = layer.W_O.grad.abs().sum(-1) > 0
+    assert rows_with_grad[dead].any() and not rows_with_grad[~dead].any()
+
+    w_q = layer.W_Q.detach().clone()
+    trainer._heldout = trainer._heldout_batches()
+    trainer.train()
+    assert torch.equal(layer.W_Q, w_q) and not layer.W_Q.requires_grad
+
+
+def test_bad_settings_fail_before_training(tiny_files, tmp_path):
+    with pytest.raises(RecipeError, match="k_initial must be between 1 and lorsa n_ov_heads"):
+        LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, training={"k_initial": 1000})))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path))).train(resume=True)
+
+
+def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "final" / "model.safetensors"))
+
+
+def test_kill_and_resume_gives_bit_identical_weights(tiny_files, tmp_path):
+    """A run SIGKILLed after a checkpoint and resumed with --resume ends with exactly the uninterrupted weights
+    (K annealing, LR schedule, Adam state, dead-head tracker with the auxiliary loss, data position)."""
+    values = tiny_recipe_dict(
+        tiny_files, tmp_path / "killed",
+        training={"max_steps": 60, "checkpoint_every": 4, "keep_checkpoints": 2, "k_anneal_fraction": 0.3,
+                  "aux_loss_coef": 0.5, "dead_tokens": 300, "lr": 1e-2},
+        init={"b_o": "mean", "match_norm": True},
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorsa_hf.cli", "train", str(path)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-00000008"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert checkpoint.exists(), stderr.decode()[-2000:]
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+
+    assert main(["train", str(path), "--resume"]) == 0
+    assert main(["train", str(path), f"output_dir={tmp_path / 'uninterrupted'}"]) == 0
+
+    logged = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged.count(5) == 1, "the resumed run started from scratch instead of the checkpoint"
+    resumed, uninterrupted = _final_weights(tmp_path / "killed"), _final_weights(tmp_path / "uninterrupted")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_resume_refuses_a_changed_recipe(tiny_files, tmp_path):
+    values = tiny_recipe_dict(tiny_files, tmp_path, training={"max_steps": 4, "checkpoint_every": 2})
+    LorsaTrainer(recipe_from_dict(values)).train()
+    values["training"]["lr"] = 1.0
+    values["training"]["log_every"] = 1
+    with pytest.raises(RecipeError, match=r"training.lr: 0.003 -> 1.0"):
+        LorsaTrainer(recipe_from_dict(values)).train(resume=True)
