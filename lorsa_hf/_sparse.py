@@ -34,9 +34,9 @@ def project_queries_keys_values(
     W_V: torch.Tensor,
     b_V: torch.Tensor,
     with_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads;
-    None without `with_values`, for a step whose z comes from cached inputs).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [B, T, d] -> q and k stacked [B, 2 n_qk, T, d_qk] (queries first) and v [B, n_qk, T, g] (the g scalar
+    values of each group's heads; None without `with_values`, for a step whose z comes from cached inputs).
 
     From `FUSED_PROJECTION_MIN_TOKENS` tokens on, Q and K are one matmul with a fused [2 n_qk d_qk, d] weight
     (rebuilt per call from the stored [n_qk, d, d_qk] layout, so gradients flow and nothing can go stale; the copy
@@ -49,16 +49,16 @@ def project_queries_keys_values(
     if batch_size * seq_len >= FUSED_PROJECTION_MIN_TOKENS:
         weight = torch.cat((W_Q.transpose(1, 2).reshape(-1, d), W_K.transpose(1, 2).reshape(-1, d)))
         query_key = F.linear(hidden_states, weight, torch.cat((b_Q.reshape(-1), b_K.reshape(-1))))
-        query_key = query_key.view(batch_size, seq_len, 2, n_qk, d_qk)
-        query, key = query_key[:, :, 0].transpose(1, 2), query_key[:, :, 1].transpose(1, 2)
+        query_key = query_key.view(batch_size, seq_len, 2 * n_qk, d_qk).transpose(1, 2)
     else:
         tokens = hidden_states.reshape(1, batch_size * seq_len, d).expand(n_qk, -1, -1)
-        query = torch.baddbmm(b_Q[:, None, :], tokens, W_Q).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
-        key = torch.baddbmm(b_K[:, None, :], tokens, W_K).view(n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
+        query = torch.baddbmm(b_Q[:, None, :], tokens, W_Q)  # [n_qk, B*T, d_qk]
+        key = torch.baddbmm(b_K[:, None, :], tokens, W_K)
+        query_key = torch.cat((query, key)).view(2 * n_qk, batch_size, seq_len, d_qk).transpose(0, 1)
     if not with_values:
-        return query, key, None
+        return query_key, None
     value = F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, n_qk, -1).transpose(1, 2)
-    return query, key, value
+    return query_key, value
 
 
 def causal_group_attention(

@@ -119,13 +119,13 @@ class LorsaLayer(nn.Module):
         past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         input_form = cache is not None and config.cached_inputs and past_length > 0
 
-        # Projections: q, k [B, n_qk, T, d_qk]; v [B, n_qk, T, g] (the g scalar values of each group's heads)
-        query, key, value = project_queries_keys_values(
+        # Projections: q and k stacked [B, 2 n_qk, T, d_qk] (norm and rotary run once on both); v [B, n_qk, T, g]
+        # (the g scalar values of each group's heads)
+        query_key, value = project_queries_keys_values(
             hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K, self.W_V, self.b_V, with_values=not input_form
         )
         if config.use_qk_norm:
-            query = self._qk_norm(query, self.q_norm_weight)
-            key = self._qk_norm(key, self.k_norm_weight)
+            query_key = self._qk_norm(query_key, torch.cat((self.q_norm_weight, self.k_norm_weight)))
 
         if config.rotary_dim > 0:
             if position_embeddings is None:
@@ -133,8 +133,8 @@ class LorsaLayer(nn.Module):
                     position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
                 position_embeddings = self.rotary_emb(hidden_states, position_ids)
             cos, sin = position_embeddings
-            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs)
-            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs)
+            query_key = apply_rotary(query_key, cos, sin, config.rotary_adjacent_pairs)
+        query, key = query_key.chunk(2, dim=1)
 
         if cache is not None and config.cached_inputs:
             key, inputs = cache.update(key, self._cacheable_inputs(hidden_states), self.layer_idx)
