@@ -59,9 +59,12 @@ class Case:
 
 
 CASES = {
-    "pythia-160m": Case("pythia-160m", "gpt_neox", 768, 12, 12, 64, 12, 3072, 50304, 6144, 48, 64, 64, 2, 256, 256, True),
-    "smollm2-135m": Case("smollm2-135m", "llama", 576, 9, 3, 64, 30, 1536, 49152, 4608, 9, 64, 64, 2, 256, 256, True),
-    "llama-3.1-8b": Case("llama-3.1-8b", "llama", 4096, 32, 8, 128, 32, 14336, 128256, 32768, 32, 128, 64, 1, 64, 64, False),
+    case.name: case
+    for case in (
+        Case("pythia-160m", "gpt_neox", 768, 12, 12, 64, 12, 3072, 50304, 6144, 48, 64, 64, 2, 256, 256, True),
+        Case("smollm2-135m", "llama", 576, 9, 3, 64, 30, 1536, 49152, 4608, 9, 64, 64, 2, 256, 256, True),
+        Case("llama-3.1-8b", "llama", 4096, 32, 8, 128, 32, 14336, 128256, 32768, 32, 128, 64, 1, 64, 64, False),
+    )
 }
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
@@ -242,7 +245,7 @@ def layer_benchmarks(case: Case, recorder: Recorder, repeats: int, rates: dict[s
         module = attention if variant == "base" else layer
         grads = [parameter.grad for parameter in module.parameters()]
 
-        def keep_grads_step(module=module, grads=grads):
+        def keep_grads_step(module=module, grads=grads, variant=variant):
             for parameter, grad in zip(module.parameters(), grads, strict=True):
                 parameter.grad = grad.zero_()
             output = run(variant, x, position_embeddings)
@@ -334,7 +337,8 @@ def model_decode_benchmark(case: Case, recorder: Recorder, repeats: int) -> None
                     cache.crop(-1)
                     if round_index > 0:
                         times.setdefault(variant, []).append(elapsed)
-            cache_numbers[variant] = sum(t.shape[1] * t.shape[-1] for t in (cache.layers[0].keys, cache.layers[0].values))
+            first = cache.layers[0]
+            cache_numbers[variant] = sum(t.shape[1] * t.shape[-1] for t in (first.keys, first.values))
             if implementation is not None:
                 lorsa.unsplice(model)
     for variant, _, _ in variants:
@@ -348,7 +352,8 @@ def print_table(rows: list[dict], rates: dict[str, float]) -> None:
     print(f"\nmatmul rate: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads)")
     timed = {(r["case"], r["op"], r["dtype"], r["variant"]): r for r in rows if "median_s" in r}
-    header = f"{'case':14} {'op':18} {'dtype':14} {'sparse s':>9} {'dense s':>9} {'base s':>9} {'dense/sparse':>12} {'sparse/base':>11}"
+    header = (f"{'case':14} {'op':18} {'dtype':14} {'sparse s':>9} {'dense s':>9} {'base s':>9} "
+              f"{'dense/sparse':>12} {'sparse/base':>11}")
     print(header)
     print("-" * len(header))
     for case, op, dtype in dict.fromkeys((r["case"], r["op"], r["dtype"]) for r in rows if "median_s" in r):
