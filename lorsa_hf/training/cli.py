@@ -31,9 +31,9 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
         from .trainer import train_from_recipe
 
         metrics = train_from_recipe(recipe, resume=args.resume)
-        summary = {k: v for k, v in metrics.items() if k in ("step", "tokens", "heldout/fvu", "heldout/l0",
-                                                             "heldout/dead_fraction", "heldout/tokens")}
-        print(json.dumps(summary))
+        if metrics:
+            keys = ("step", "tokens", "heldout/fvu", "heldout/l0", "heldout/dead_fraction", "heldout/tokens")
+            print(json.dumps({k: v for k, v in metrics.items() if k in keys}))
         return 0
 
     parser.set_defaults(func=run)

@@ -202,7 +202,7 @@ class LorsaTrainer:
         self.config.base_model_revision = recipe.model.revision
         self.layers = list(self.config.layers)
         self.owners = self._assign_owners()
-        self.owned = [layer for layer in self.layers if self.owners[layer] == self.rank]
+        self.owned = [layer for layer in self.layers if self._trains(layer)]
         self.source = ActivationSource(self.base_model, self.layers)
         self.total_steps = recipe.total_steps
         self.k_aux = training.k_aux or self.config.hidden_size // 2
@@ -232,6 +232,10 @@ class LorsaTrainer:
     def _make_accelerator(self) -> Accelerator:
         training = self.recipe.training
         kwargs: dict[str, Any] = {"mixed_precision": training.mixed_precision}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Launched as several processes (torchrun, accelerate launch --multi_gpu) on a machine without
+            # GPUs: accelerate only sets up gloo for CPU processes when asked for the CPU explicitly.
+            kwargs["cpu"] = True
         if training.loggers:
             kwargs["log_with"] = list(training.loggers)
             kwargs["project_dir"] = self.recipe.output_dir
@@ -737,8 +741,11 @@ def _flatten(values: dict[str, Any], prefix: str = "", scalars_only: bool = Fals
 
 
 def train_from_recipe(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
-    """Build a trainer for `recipe` and run it (what `lorsa-hf train` does)."""
-    return LorsaTrainer(recipe).train(resume=resume)
+    """Build a trainer for `recipe` and run it (what `lorsa-hf train` does); the final metrics on the main
+    process, an empty dict on the others."""
+    trainer = LorsaTrainer(recipe)
+    metrics = trainer.train(resume=resume)
+    return metrics if trainer.accelerator.is_main_process else {}
 
 
 __all__ = ["LorsaTrainer", "LorsaTrainingModule", "load_base_model", "lr_factor", "text_sources", "top_k_at",
