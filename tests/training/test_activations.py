@@ -120,3 +120,20 @@ def test_activation_source_captures_attention_and_stops_early(tokenizer, arch):
     assert all(not p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="layers 0..3"):
         ActivationSource(model, [4])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hf_dataset_source_from_a_local_folder(tmp_path, streaming):
+    from lorsa_hf.training.activations import HFDatasetSource
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"content": f"doc {i}"}) + "\n" for i in range(5)))
+    (folder / "test.jsonl").write_text(json.dumps({"content": "held out"}) + "\n")
+    source = HFDatasetSource(str(folder), split="train", text_field="content", streaming=streaming)
+    assert list(source.documents()) == [f"doc {i}" for i in range(5)]
+    assert list(source.documents(3)) == ["doc 3", "doc 4"]
+    assert list(HFDatasetSource(str(folder), split="test", text_field="content").documents()) == ["held out"]
+    if not streaming:
+        with pytest.raises(KeyError, match="no column 'text'"):
+            HFDatasetSource(str(folder), split="train")
