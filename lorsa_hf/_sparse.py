@@ -1,13 +1,14 @@
 """The fast Lorsa path (LORSA.md section 1b) and the dense reference it is tested and benchmarked against.
 
-Both paths share the projections, the attention and the TopK selection, so they select exactly the same heads;
-they differ in what follows the selection:
+Both paths compute the same function and share the TopK selection rule; they differ in how:
 
-- dense (the official formulation): the activations are scattered into a [N, n_ov] tensor and decoded with a
-  dense matmul against all of W_O; autograd then differentiates through every head.
-- sparse: a custom autograd function decodes only the K selected rows of W_O per token (`embedding_bag` with
-  per-sample weights, or a Triton kernel on CUDA) and its backward sends gradient to z only at the selected
-  entries and to W_O only in the selected rows; it keeps just the [N, K] indices and values for backward.
+- dense (the formulation of the reference implementations): einsum projections, the unfused attention with its
+  [T, S] pattern, the activations scattered into a [N, n_ov] tensor and decoded with a dense matmul against all
+  of W_O; autograd then differentiates through every head.
+- sparse: fused Q/K projection, PyTorch's fused causal attention in chunks of d_qk values, and a custom
+  autograd function that decodes only the K selected rows of W_O per token (`embedding_bag` with per-sample
+  weights, or a Triton kernel on CUDA) and whose backward sends gradient to z only at the selected entries and
+  to W_O only in the selected rows; it keeps just the [N, K] indices and values for backward.
 
 For generation, `input_form_attention` computes z from a cache that holds the layer's input x instead of the
 n_ov values per token (the softmax rows sum to one, so attending over x and projecting afterwards is exact).
@@ -58,6 +59,27 @@ def project_queries_keys_values(
     if not with_values:
         return query_key, None
     value = F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, n_qk, -1).transpose(1, 2)
+    return query_key, value
+
+
+def reference_projections(
+    hidden_states: torch.Tensor,
+    W_Q: torch.Tensor,
+    b_Q: torch.Tensor,
+    W_K: torch.Tensor,
+    b_K: torch.Tensor,
+    W_V: torch.Tensor,
+    b_V: torch.Tensor,
+    with_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`project_queries_keys_values` as the reference implementations write it: one einsum per weight."""
+    batch_size, seq_len, _ = hidden_states.shape
+    query = torch.einsum("btd,hdk->bhtk", hidden_states, W_Q) + b_Q[None, :, None, :]
+    key = torch.einsum("btd,hdk->bhtk", hidden_states, W_K) + b_K[None, :, None, :]
+    query_key = torch.cat((query, key), dim=1)
+    if not with_values:
+        return query_key, None
+    value = F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, W_Q.shape[0], -1).transpose(1, 2)
     return query_key, value
 
 

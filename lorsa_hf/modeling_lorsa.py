@@ -15,6 +15,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from ._attention import group_attention
 from ._io import atomic_save_directory
 from ._rotary import LorsaRotaryEmbedding, apply_rotary
 from ._sparse import (
@@ -22,6 +23,7 @@ from ._sparse import (
     dense_top_k_decode,
     input_form_attention,
     project_queries_keys_values,
+    reference_projections,
     sparse_top_k_decode,
 )
 from .configuration_lorsa import LorsaConfig
@@ -118,10 +120,15 @@ class LorsaLayer(nn.Module):
         # with W_V: LORSA.md section 1b), which needs no values for the new tokens
         past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         input_form = cache is not None and config.cached_inputs and past_length > 0
+        # The dense reference path (the reference implementations' formulation) or the fast path
+        dense = config.implementation == "dense"
+        project = reference_projections if dense else project_queries_keys_values
+        attend = group_attention if dense else causal_group_attention
+        top_k_decode = dense_top_k_decode if dense else sparse_top_k_decode
 
         # Projections: q and k stacked [B, 2 n_qk, T, d_qk] (norm and rotary run once on both); v [B, n_qk, T, g]
         # (the g scalar values of each group's heads)
-        query_key, value = project_queries_keys_values(
+        query_key, value = project(
             hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K, self.W_V, self.b_V, with_values=not input_form
         )
         if config.use_qk_norm:
@@ -146,12 +153,11 @@ class LorsaLayer(nn.Module):
         if input_form:
             z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
         else:
-            z = causal_group_attention(query, key, value, attention_mask, scale=scale)
+            z = attend(query, key, value, attention_mask, scale=scale)
         z = z.transpose(1, 2).reshape(batch_size * seq_len, config.n_ov_heads)  # head i = group * g + j
 
         # TopK selection weighted by the decoder norms, then the decode: the K selected rows of W_O per token
         # (sparse, with its own backward), or the dense reference formulation over all n_ov heads
-        top_k_decode = dense_top_k_decode if config.implementation == "dense" else sparse_top_k_decode
         output, top_k_values, top_k_indices = top_k_decode(z, self.W_O, top_k, config.activation)
         output = (output + self.b_O).view(batch_size, seq_len, -1)
         z = z.view(batch_size, seq_len, -1)
