@@ -19,8 +19,8 @@ from ._attention import group_attention
 from ._io import atomic_save_directory
 from ._rotary import LorsaRotaryEmbedding, apply_rotary
 from ._sparse import (
-    causal_group_attention,
     dense_top_k_decode,
+    fused_group_attention,
     input_form_attention,
     project_queries_keys_values,
     reference_projections,
@@ -123,7 +123,7 @@ class LorsaLayer(nn.Module):
         # The dense reference path (the reference implementations' formulation) or the fast path
         dense = config.implementation == "dense"
         project = reference_projections if dense else project_queries_keys_values
-        attend = group_attention if dense else causal_group_attention
+        attend = group_attention if dense else fused_group_attention
         top_k_decode = dense_top_k_decode if dense else sparse_top_k_decode
 
         # Projections: q and k stacked [B, 2 n_qk, T, d_qk] (norm and rotary run once on both); v [B, n_qk, T, g]
