@@ -274,10 +274,15 @@ def layer_benchmarks(case: Case, recorder: Recorder, repeats: int, rates: dict[s
         reference = layer(x, position_embeddings=position_embeddings, output_activations=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = layer(x, position_embeddings=position_embeddings, output_activations=True)
-    same = (low.top_k_indices[..., :, None] == reference.top_k_indices[..., None, :]).any(-1).float().mean()
-    error = (low.hidden_states.float() - reference.hidden_states).norm() / reference.hidden_states.norm()
+    kept = (low.top_k_indices[..., :, None] == reference.top_k_indices[..., None, :]).any(-1)  # [B, T, K]
+    difference = low.hidden_states.float() - reference.hidden_states
+    error = difference.norm() / reference.hidden_states.norm()
+    same_rows = kept.all(-1)  # tokens whose selection bf16 left unchanged: the error of the arithmetic alone
+    same_error = difference[same_rows].norm() / reference.hidden_states[same_rows].norm()
     recorder.add(case=case.name, variant="sparse", op="bf16_autocast_error", dtype="bf16-autocast",
-                 relative_error=error.item(), selection_overlap=same.item())
+                 relative_error=error.item(), selection_overlap=kept.float().mean().item(),
+                 tokens_with_same_selection=same_rows.float().mean().item(),
+                 relative_error_same_selection=same_error.item())
 
     # One cached decode step after `decode_context` tokens: sparse with an input cache, dense with a value cache
     context = x[:1, : case.decode_context]
@@ -378,10 +383,12 @@ def print_table(rows: list[dict], rates: dict[str, float]) -> None:
             print(f"  {r['case']:14} {r['variant']:7} {r['dtype']:14} {r['matmul_fraction_of_matmul_rate']:.2f} "
                   f"({r['matmul_s'] / r['profiled_s']:.0%} of the step in matmuls); top ops: "
                   + ", ".join(f"{name} {seconds * 1e3:.1f}ms" for name, seconds in r["top_ops"][:5]))
-    print("\nbf16 autocast vs fp32 (sparse path): relative output error, share of selected heads kept:")
+    print("\nbf16 autocast vs fp32 (sparse path): relative output error; share of selected heads kept; share of "
+          "tokens with the same selection and the error on those tokens:")
     for r in rows:
         if r.get("op") == "bf16_autocast_error":
-            print(f"  {r['case']:14} {r['relative_error']:.4f} {r['selection_overlap']:.3f}")
+            print(f"  {r['case']:14} {r['relative_error']:.4f} {r['selection_overlap']:.3f} "
+                  f"{r['tokens_with_same_selection']:.3f} {r['relative_error_same_selection']:.4f}")
     print("\ncache numbers per token per layer:")
     for r in rows:
         if "cache_numbers_per_token_per_layer" in r or "cache_numbers_per_token" in r:
