@@ -88,11 +88,11 @@ def fused_group_attention(
 ) -> torch.Tensor:
     """`group_attention` [B, n_qk, T, g] through PyTorch's fused (flash) attention, for any transformers mask.
 
-    The fused kernel wants value width == d_qk, so the g values of a group are split into g / d_qk chunks that
-    each attend with the group's own q and k (repeated per chunk). Compared with the unfused attention that a
-    value width g != d_qk gets, it skips the masked half of plain causal attention, keeps no [T, S] pattern for
-    backward and reads v and writes z in the [B, T, n_ov] layout of the projections. Rows with no key to attend
-    to give zeros, as in `group_attention`. When d_qk does not divide g, `group_attention` runs instead.
+    The fused kernel wants value width == d_qk, so the g values of a group are split into g / d_qk chunks, one
+    kernel call each with the group's own q and k (shared by all calls, so backward keeps them once). Compared
+    with the unfused attention that a value width g != d_qk gets, it skips the masked half of plain causal
+    attention and keeps no [T, S] pattern for backward. Rows with no key to attend to give zeros, as in
+    `group_attention`. When d_qk does not divide g, `group_attention` runs instead.
     """
     batch_size, n_qk, query_length, d_qk = query.shape
     key_length, group_size = key.shape[-2], value.shape[-1]
@@ -102,12 +102,11 @@ def fused_group_attention(
     mask = None
     if not causal:
         mask = boolean_attention_mask(attention_mask, batch_size, query_length, key_length, query.device)
-    chunks = group_size // d_qk
-    query = query.repeat_interleave(chunks, dim=1)  # [B, n_qk * chunks, T, d_qk]
-    key = key.repeat_interleave(chunks, dim=1)
-    value = value.transpose(1, 2).reshape(batch_size, key_length, n_qk * chunks, d_qk).transpose(1, 2)
-    z = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale)
-    return z.transpose(1, 2).reshape(batch_size, query_length, n_qk, group_size).transpose(1, 2)
+    z = [
+        F.scaled_dot_product_attention(query, key, chunk, attn_mask=mask, is_causal=causal, scale=scale)
+        for chunk in value.split(d_qk, dim=-1)  # [B, n_qk, S, d_qk] views of v
+    ]
+    return torch.cat(z, dim=-1)
 
 
 def input_form_attention(
