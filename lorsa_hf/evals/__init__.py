@@ -36,6 +36,7 @@ __all__ = [
     "position_mask",
     "reconstruction_metrics",
     "render_markdown",
+    "replaced_attention",
     "run_lm_eval",
     "write_model_card",
     "write_report",

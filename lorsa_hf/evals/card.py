@@ -88,7 +88,10 @@ def model_card(
     out += ["", f"Clean CE: {_number(results['downstream']['ce_clean'])} nats/token.", ""]
     if results.get("lm_eval"):
         rows = [
-            [task, metric, _number(m["clean"]), _number(m["spliced"]), f"{_number(m['delta'])} ± {_number(m['delta_stderr'])}"]
+            [
+                task, metric, _number(m["clean"]), _number(m["spliced"]),
+                f"{_number(m['delta'])} ± {_number(m['delta_stderr'])}",
+            ]
             for task, metrics in results["lm_eval"]["tasks"].items()
             for metric, m in metrics.items()
         ]

@@ -76,7 +76,7 @@ def perplexity_task(texts: Sequence[str], name: str = "lorsa_text_ppl") -> dict[
         "process_results": perplexity_results,
         "metric_list": [
             {"metric": metric, "aggregation": aggregation, "higher_is_better": False}
-            for metric, aggregation in zip(PERPLEXITY_METRICS, PERPLEXITY_AGGREGATIONS)
+            for metric, aggregation in zip(PERPLEXITY_METRICS, PERPLEXITY_AGGREGATIONS, strict=True)
         ],
         "metadata": {"version": 1.0},
     }

@@ -91,7 +91,8 @@ class ReconstructionAccumulator:
         if self.n_tokens == 0:
             raise ValueError("No tokens were accumulated: every position was excluded or no batch was given.")
         n, d = self.n_tokens, self.hidden_size
-        fvu = self.sum_squared_error / self.target_sum_squared_deviation if self.target_sum_squared_deviation > 0 else math.nan
+        spread = self.target_sum_squared_deviation
+        fvu = self.sum_squared_error / spread if spread > 0 else math.nan
         metrics: dict[str, Any] = {
             "n_tokens": n,
             "fvu": fvu,

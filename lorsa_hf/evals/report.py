@@ -75,8 +75,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     out = [
         f"# Lorsa eval: {lorsa.get('name_or_path') or 'Lorsa'} on {base.get('name_or_path') or base['model_type']}",
         "",
-        f"Layers {', '.join(map(str, lorsa['layers']))}; {lorsa['n_ov_heads']:,} heads in {lorsa['n_qk_heads']} QK groups "
-        f"of d_qk {lorsa['d_qk_head']}, top_k {lorsa['top_k']} ({lorsa['activation']}).",
+        f"Layers {', '.join(map(str, lorsa['layers']))}; {lorsa['n_ov_heads']:,} heads in {lorsa['n_qk_heads']} "
+        f"QK groups of d_qk {lorsa['d_qk_head']}, top_k {lorsa['top_k']} ({lorsa['activation']}).",
         f"Data: {data['source']}; {data['n_eval_tokens']:,} eval tokens ({data['n_counted_tokens']:,} counted, BOS and "
         f"padding excluded) in rows of {data['seq_len']}; mean-ablation statistics over a separate "
         f"{data['n_mean_tokens']:,} tokens. Seed {results['seed']}.",

@@ -122,7 +122,8 @@ def text_chunks(documents: list[str], chunk_chars: int = 2000, max_chunks: int |
         if current.strip():
             chunks.append(current)
         per_document.append([chunk.strip() for chunk in chunks if chunk.strip()])
-    interleaved = [chunks[i] for i in range(max(map(len, per_document), default=0)) for chunks in per_document if i < len(chunks)]
+    rounds = max(map(len, per_document), default=0)
+    interleaved = [chunks[i] for i in range(rounds) for chunks in per_document if i < len(chunks)]
     return interleaved if max_chunks is None else interleaved[:max_chunks]
 
 

@@ -118,9 +118,9 @@ def test_cli_end_to_end_offline(tokenizer, tmp_path):
         "32", "--seq-len", "32", "--tasks", "lorsa_ioi", "--limit", "4", "--bootstrap-iters", "20", "--no-progress",
         "--output", str(tmp_path / "out"),
     ]
-    completed = subprocess.run(
-        command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2]
-    )
+    root = Path(__file__).parents[2]
+    env = {**os.environ, **OFFLINE}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "layer 1: FVU" in completed.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
