@@ -96,7 +96,7 @@ class TrainingSection:
     lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
     final_lr_fraction: float = 1 / 32
     clip_grad_norm: float | None = 0.15
-    """Gradient-norm clipping of each Lorsa layer on its own (with fsdp: of all layers together)."""
+    """Gradient-norm clipping of each Lorsa layer on its own."""
     k_initial: int | None = None
     """K at step 0, annealed to `lorsa.top_k` over `k_anneal_fraction` of the steps; unset: no annealing."""
     k_anneal_fraction: float = 0.05
@@ -116,7 +116,7 @@ class TrainingSection:
     mixed_precision: Literal["no", "bf16"] = "no"
     distribute: Literal["ddp", "layers", "fsdp"] = "ddp"
     """`ddp`: replicas on data shards; `layers`: each process trains its share of the layers on activations
-    computed once and sent to it; `fsdp`: Lorsa parameters sharded over processes."""
+    computed once and sent to it; `fsdp`: like ddp with each layer's parameters and Adam state sharded."""
     loggers: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     """Optional trackers (through accelerate); JSON lines are always written to `metrics.jsonl`."""
     progress_bar: bool = True

@@ -9,7 +9,8 @@ Every process reads the same deterministic stream of packed rows and takes its s
 - `layers`: each process owns a contiguous share of the layers. It runs the base model on its slice once,
   sends every layer's activations to the layer's owner, and trains its own layers on the whole batch (the
   way sparsify's `--distribute_modules` does); no gradient communication at all.
-- `fsdp`: like `ddp`, with each Lorsa layer's parameters sharded over processes (accelerate's FSDP plugin).
+- `fsdp`: like `ddp`, with each Lorsa layer's parameters, gradients and Adam state sharded over the processes
+  (PyTorch's FSDP2 `fully_shard`, one unit per layer; it works on gloo CPU processes as well as on GPUs).
 """
 
 from __future__ import annotations
@@ -133,23 +134,55 @@ def lr_factor(step: int, total_steps: int, recipe: Recipe) -> float:
     return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class LorsaLayerStep(nn.Module):
+    """One Lorsa layer's training forward: its prediction, activations, and (given dead heads) the auxiliary
+    reconstruction of the top `k_aux` dead heads. Everything that reads the layer's weights happens inside this
+    forward, which makes it the unit FSDP gathers and shards."""
+
+    def __init__(self, layer: LorsaLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, top_k: int,
+        dead: torch.Tensor | None = None, k_aux: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        out = self.layer(hidden_states, attention_mask=attention_mask, output_activations=True, top_k=top_k)
+        auxiliary = None
+        if dead is not None:
+            z = out.z.float()
+            selectable = z.abs() if self.layer.config.activation == "topk_abs" else z.relu()
+            scores = (selectable * self.layer.W_O.norm(dim=-1)).masked_fill(~dead, -1.0)
+            indices = scores.topk(k_aux, dim=-1).indices
+            values = z.gather(-1, indices)
+            if self.layer.config.activation == "topk_relu":
+                values = values.relu()
+            flat = F.embedding_bag(
+                indices.reshape(-1, k_aux), self.layer.W_O.float(), per_sample_weights=values.reshape(-1, k_aux),
+                mode="sum",
+            )
+            auxiliary = flat.view(*z.shape[:-1], -1)
+        return out.hidden_states, out.top_k_values, out.top_k_indices, auxiliary
+
+
 class LorsaTrainingModule(nn.Module):
-    """Runs every trained Lorsa layer in one forward call (what DDP and FSDP need to wrap)."""
+    """Runs every trained Lorsa layer in one forward call (what DDP wraps; FSDP shards each `LorsaLayerStep`)."""
 
     def __init__(self, lorsa: LorsaForReplacement) -> None:
         super().__init__()
-        self.lorsa = lorsa
+        self.steps = nn.ModuleDict({name: LorsaLayerStep(layer) for name, layer in lorsa.layers.items()})
 
     def forward(
-        self, inputs: dict[str, torch.Tensor], attention_mask: torch.Tensor | None, top_k: int
-    ) -> dict[str, tuple[torch.Tensor, ...]]:
-        outputs = {}
-        for name, hidden_states in inputs.items():
-            out = self.lorsa.layers[name](
-                hidden_states, attention_mask=attention_mask, output_activations=True, top_k=top_k
-            )
-            outputs[name] = (out.hidden_states, out.z, out.top_k_values, out.top_k_indices)
-        return outputs
+        self, inputs: dict[str, torch.Tensor], attention_mask: torch.Tensor | None, top_k: int,
+        auxiliary: dict[str, tuple[torch.Tensor, int]] | None = None,
+    ) -> dict[str, tuple[torch.Tensor | None, ...]]:
+        """`auxiliary` maps a layer to (dead-head mask, k_aux) for the layers whose dead heads get the
+        auxiliary loss."""
+        auxiliary = auxiliary or {}
+        return {
+            name: self.steps[name](hidden_states, attention_mask, top_k, *auxiliary.get(name, (None, 0)))
+            for name, hidden_states in inputs.items()
+        }
 
 
 @dataclass
@@ -214,10 +247,19 @@ class LorsaTrainer:
         owned_config.layers = self.owned
         self.lorsa = LorsaForReplacement(owned_config).to(acc.device)
         self._initialize()
-        self.module = self._raw_module = LorsaTrainingModule(self.lorsa)
+        self.module = LorsaTrainingModule(self.lorsa)
+        # Several layers in one forward/backward where processes must synchronise; otherwise one at a time.
+        self.joint_step = self.mode in ("ddp", "fsdp") and self.world_size > 1
+        self.sharded = self.mode == "fsdp" and self.world_size > 1
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            for step in self.module.steps.values():
+                fully_shard(step)
+            fully_shard(self.module)
         parameters = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(parameters, lr=training.lr, betas=tuple(training.betas))
-        if self.mode in ("ddp", "fsdp"):
+        if self.mode == "ddp":
             self.module, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total_steps, recipe)
@@ -239,14 +281,6 @@ class LorsaTrainer:
         if training.loggers:
             kwargs["log_with"] = list(training.loggers)
             kwargs["project_dir"] = self.recipe.output_dir
-        if training.distribute == "fsdp":
-            from accelerate import FullyShardedDataParallelPlugin
-
-            kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-                auto_wrap_policy="transformer_based_wrap",
-                transformer_cls_names_to_wrap=["LorsaLayer"],
-                state_dict_type="FULL_STATE_DICT",
-            )
         return Accelerator(**kwargs)
 
     def _assign_owners(self) -> dict[int, int]:
@@ -346,10 +380,19 @@ class LorsaTrainer:
 
     # -------------------------------------------------------------------------------------------- one step
 
-    def _forward(self, batch: _Batch, top_k: int) -> dict[int, tuple[torch.Tensor, ...]]:
+    def _forward(self, batch: _Batch, top_k: int, with_auxiliary: bool = False) -> dict[int, tuple[Any, ...]]:
+        """Per layer (prediction, selected values, their indices, auxiliary dead-head reconstruction or None)."""
         inputs = {str(layer): acts.inputs for layer, acts in batch.activations.items()}
+        auxiliary = {}
+        if with_auxiliary and self.recipe.training.aux_loss_coef > 0:
+            for layer in batch.activations:
+                dead = self.tokens_since_fired[self.layers.index(layer)] >= self.recipe.training.dead_tokens
+                if dead.any():
+                    auxiliary[str(layer)] = (dead.to(self.accelerator.device), min(self.k_aux, int(dead.sum())))
         with self.accelerator.autocast():
-            outputs = self.module(inputs=inputs, attention_mask=batch.attention_mask, top_k=top_k)
+            outputs = self.module(
+                inputs=inputs, attention_mask=batch.attention_mask, top_k=top_k, auxiliary=auxiliary
+            )
         return {int(name): value for name, value in outputs.items()}
 
     def _stats(self, batch: _Batch, outputs: dict[int, tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -361,7 +404,7 @@ class LorsaTrainer:
         for position, layer in enumerate(self.layers):
             if layer not in outputs:
                 continue
-            prediction, _, values, indices = outputs[layer]
+            prediction, values, indices, _ = outputs[layer]
             target = batch.activations[layer].outputs[mask].double()
             error = prediction.detach()[mask].double() - target
             active = values.detach()[mask] != 0
@@ -387,35 +430,25 @@ class LorsaTrainer:
             tokens = self._reduce(tokens)
         scale = (self.world_size if replicated else 1) / (tokens.clamp(min=1) * self.config.hidden_size)
         loss = torch.zeros((), device=self.accelerator.device)
-        for layer, (prediction, z, _, _) in outputs.items():
+        for layer, (prediction, _, _, auxiliary) in outputs.items():
             target = batch.activations[layer].outputs
             error = (prediction.float() - target)[mask]
             loss = loss + error.pow(2).sum() * scale.float()
-            if self.recipe.training.aux_loss_coef > 0:
-                loss = loss + self.recipe.training.aux_loss_coef * self._aux_loss(layer, error, z, target, mask)
+            if auxiliary is not None:
+                dead = self.tokens_since_fired[self.layers.index(layer)] >= self.recipe.training.dead_tokens
+                aux = self._aux_loss(auxiliary[mask], error, target[mask], int(dead.sum()))
+                loss = loss + self.recipe.training.aux_loss_coef * aux
         return loss
 
     def _aux_loss(
-        self, layer: int, error: torch.Tensor, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+        self, reconstruction: torch.Tensor, error: torch.Tensor, target: torch.Tensor, dead_count: int
     ) -> torch.Tensor:
-        """Fit the (detached) residual error with the top `k_aux` dead heads, relative to the target variance."""
-        dead = self.tokens_since_fired[self.layers.index(layer)] >= self.recipe.training.dead_tokens
-        dead_count = int(dead.sum())
-        if dead_count == 0:
-            return torch.zeros((), device=error.device)
-        module: LorsaLayer = self.lorsa.layer(layer)
-        k_aux = min(self.k_aux, dead_count)
-        z = z[mask].float()
-        scores = (z.abs() if self.config.activation == "topk_abs" else z.relu()) * module.W_O.norm(dim=-1)
-        scores = scores.masked_fill(~dead.to(z.device), -1.0)
-        indices = scores.topk(k_aux, dim=-1).indices
-        values = z.gather(-1, indices)
-        if self.config.activation == "topk_relu":
-            values = values.relu()
-        reconstruction = F.embedding_bag(indices, module.W_O.float(), per_sample_weights=values, mode="sum")
+        """How well the top `k_aux` dead heads fit the (detached) residual error, over the target variance,
+        scaled by min(dead / k_aux, 1) (sparsify's AuxK); all on the loss tokens."""
         residual = -error.detach()
-        variance = (target[mask] - target[mask].mean(0)).pow(2).sum().clamp(min=1e-12)
-        return min(dead_count / k_aux, 1.0) * (reconstruction - residual).pow(2).sum() / variance
+        variance = (target - target.mean(0)).pow(2).sum().clamp(min=1e-12)
+        scale = min(dead_count / self.k_aux, 1.0)
+        return scale * (reconstruction.float() - residual).pow(2).sum() / variance
 
     def _update_dead_tracker(self, stats: torch.Tensor) -> None:
         d = self.config.hidden_size
@@ -453,13 +486,12 @@ class LorsaTrainer:
         batch = self._prepare_batch(ids, attention)
         top_k = top_k_at(self.step, self.total_steps, self.recipe, self.config.top_k)
         self.module.train()
-        wrapped = self.module is not self._raw_module
-        groups = [list(batch.activations)] if wrapped else [[layer] for layer in batch.activations]
+        groups = [list(batch.activations)] if self.joint_step else [[layer] for layer in batch.activations]
         stats = torch.zeros(())
         total_loss = torch.zeros((), dtype=torch.float64)
         for group in groups:
             part = _Batch({layer: batch.activations[layer] for layer in group}, batch.loss_mask, batch.attention_mask)
-            outputs = self._forward(part, top_k)
+            outputs = self._forward(part, top_k, with_auxiliary=True)
             loss = self._loss(part, outputs)
             self.accelerator.backward(loss)
             stats = stats + self._stats(part, outputs)
@@ -467,12 +499,9 @@ class LorsaTrainer:
             del outputs, loss
         clip = self.recipe.training.clip_grad_norm
         if clip is not None:
-            if self.mode == "fsdp":
-                self.accelerator.clip_grad_norm_(self.module.parameters(), clip)
-            else:
-                for layer in self.owned:
-                    parameters = [p for p in self.lorsa.layer(layer).parameters() if p.requires_grad]
-                    torch.nn.utils.clip_grad_norm_(parameters, clip)
+            for layer in self.owned:
+                parameters = [p for p in self.lorsa.layer(layer).parameters() if p.requires_grad]
+                torch.nn.utils.clip_grad_norm_(parameters, clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -500,14 +529,13 @@ class LorsaTrainer:
 
     # --------------------------------------------------------------------------------------- checkpointing
 
-    def _unwrapped(self) -> LorsaForReplacement:
-        return self.accelerator.unwrap_model(self.module).lorsa if self.mode != "layers" else self.lorsa
-
     def full_lorsa(self) -> LorsaForReplacement | None:
         """All trained layers in one `LorsaForReplacement` on the main process (None elsewhere); collective."""
-        if self.mode == "fsdp":
-            state = self.accelerator.get_state_dict(self.module)
-            state = {k.removeprefix("lorsa."): v for k, v in state.items()}
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(self.lorsa, options=options)
         elif self.mode == "layers" and self.world_size > 1:
             state = {}
             for layer in self.layers:
@@ -522,7 +550,7 @@ class LorsaTrainer:
                     dist.broadcast(tensor, src=owner)
                     state[f"layers.{layer}.{name}"] = tensor.cpu()
         else:
-            state = {k: v.detach().cpu() for k, v in self._unwrapped().state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in self.lorsa.state_dict().items()}
         if not self.accelerator.is_main_process:
             return None
         full = LorsaForReplacement(self.config)
@@ -541,7 +569,7 @@ class LorsaTrainer:
         }
 
     def _writes_training_state(self) -> bool:
-        return self.accelerator.is_main_process or self.mode in ("layers", "fsdp")
+        return self.accelerator.is_main_process or self.mode == "layers"
 
     def save_checkpoint(self) -> Path:
         """Write `checkpoints/step-N` (collective)."""
@@ -563,10 +591,11 @@ class LorsaTrainer:
         )
 
     def _optimizer_state(self) -> dict[str, Any]:
-        if self.mode == "fsdp":
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            return FSDP.optim_state_dict(self.module, self.optimizer.optimizer)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.module, self.optimizer, options=options)
         return self.optimizer.state_dict()
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -575,21 +604,25 @@ class LorsaTrainer:
         self._check_resumable(state)
         weights = folder / "lorsa" / "model.safetensors"
         with safe_open(str(weights), framework="pt") as handle:
-            for layer in self.owned:
-                module = self.lorsa.layer(layer)
-                with torch.no_grad():
-                    for name, parameter in module.state_dict(keep_vars=True).items():
-                        parameter.copy_(handle.get_tensor(f"layers.{layer}.{name}"))
-        shard = self.rank if self.mode in ("layers", "fsdp") else 0
+            saved = {
+                f"layers.{layer}.{name}": handle.get_tensor(f"layers.{layer}.{name}")
+                for layer in self.owned
+                for name in self.lorsa.layer(layer).state_dict()
+            }
+        shard = self.rank if self.mode == "layers" else 0
         training_state = torch.load(folder / f"training_state-rank{shard}.pt", weights_only=True, map_location="cpu")
-        if self.mode == "fsdp":
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            optimizer_state = FSDP.optim_state_dict_to_load(
-                self.module, self.optimizer.optimizer, training_state["optimizer"]
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
             )
-            self.optimizer.load_state_dict(optimizer_state)
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.lorsa, saved, options=options)
+            set_optimizer_state_dict(self.module, self.optimizer, training_state["optimizer"], options=options)
         else:
+            self.lorsa.load_state_dict(saved)
             self.optimizer.load_state_dict(training_state["optimizer"])
         self.scheduler.load_state_dict(training_state["scheduler"])
         set_rng_state(training_state["rng"])
@@ -598,7 +631,7 @@ class LorsaTrainer:
         self.packer_state = PackerState.from_dict(state["data"])
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
-        if state["world_size"] != self.world_size and self.mode != "ddp":
+        if state["world_size"] != self.world_size and self.mode == "layers":
             raise RecipeError(
                 f"The checkpoint was written by {state['world_size']} processes in {state['distribute']!r} mode; "
                 f"resume it with the same number of processes (got {self.world_size})."

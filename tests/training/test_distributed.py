@@ -1,10 +1,10 @@
-"""Two CPU processes (gloo) launched by `accelerate launch`: DDP and layer-distributed training against one
-process on the same global batches.
+"""Two CPU processes (gloo) launched by `accelerate launch`: DDP, layer-distributed and FSDP training against one
+process on the same global batches, and an FSDP run resumed from its sharded-then-gathered checkpoint.
 
 Layer-distributed mode does exactly the single-process arithmetic for each layer (its owner sees the whole
 batch), so the weights are equal. DDP averages gradients of per-process halves; the loss is normalised by the
 global token count so the averaged gradient is the full-batch gradient up to float rounding, which Adam then
-amplifies slightly: equal losses, weights close.
+amplifies slightly: equal losses, weights close. FSDP reduce-scatters the same averaged gradients.
 
 `accelerate launch --cpu --num_processes 2` starts multi-CPU jobs through mpirun only (accelerate 1.x), so the
 processes are started the torchrun way (`--multi_gpu`); on a machine without GPUs the trainer asks accelerate
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +60,9 @@ def runs(tiny_files, tmp_path_factory):
     assert main(["train", str(path)]) == 0
     _launch(path, f"output_dir={root / 'ddp'}", "training.distribute=ddp")
     _launch(path, f"output_dir={root / 'layers'}", "training.distribute=layers")
+    _launch(path, f"output_dir={root / 'fsdp'}", "training.distribute=fsdp")
+    shutil.copytree(root / "fsdp", root / "fsdp-resumed", ignore=shutil.ignore_patterns("final"))
+    _launch(path, f"output_dir={root / 'fsdp-resumed'}", "training.distribute=fsdp", "--resume")
     return root
 
 
@@ -94,3 +98,14 @@ def test_ddp_matches_one_process(runs):
     final = json.loads((runs / "ddp" / "final" / "final_metrics.json").read_text())
     reference = json.loads((runs / "single" / "final" / "final_metrics.json").read_text())
     assert final["heldout/fvu"] == pytest.approx(reference["heldout/fvu"], rel=1e-3)
+
+
+def test_fsdp_matches_one_process_and_resumes_exactly(runs):
+    assert _world_size(runs / "fsdp") == 2
+    assert _losses(runs / "fsdp") == pytest.approx(_losses(runs / "single"), rel=1e-4)
+    single, sharded = _weights(runs / "single"), _weights(runs / "fsdp")
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], atol=2e-3, rtol=1e-3)
+    resumed = _weights(runs / "fsdp-resumed")
+    for name in sharded:
+        assert torch.equal(resumed[name], sharded[name]), name

@@ -96,9 +96,11 @@ def test_aux_loss_trains_only_dead_heads_and_freeze_qk(tiny_files, tmp_path):
     dead[10:30] = True
     trainer.tokens_since_fired[0][dead] = trainer.recipe.training.dead_tokens
     layer = trainer.lorsa.layer(0)
-    out = layer(batch.activations[0].inputs, output_activations=True, top_k=4)
-    error = (out.hidden_states - batch.activations[0].outputs)[batch.loss_mask]
-    aux = trainer._aux_loss(0, error, out.z, batch.activations[0].outputs, batch.loss_mask)
+    outputs = trainer._forward(batch, top_k=4, with_auxiliary=True)
+    prediction, _, _, reconstruction = outputs[0]
+    assert reconstruction is not None and outputs[1][3] is None  # layer 1 has no dead heads yet
+    mask, target = batch.loss_mask, batch.activations[0].outputs
+    aux = trainer._aux_loss(reconstruction[mask], (prediction - target)[mask], target[mask], int(dead.sum()))
     aux.backward()
     assert aux > 0
     rows_with_grad = layer.W_O.grad.abs().sum(-1) > 0
