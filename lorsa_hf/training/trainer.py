@@ -279,6 +279,15 @@ class LorsaTrainer:
             # GPUs: accelerate only sets up gloo for CPU processes when asked for the CPU explicitly.
             kwargs["cpu"] = True
         if training.loggers:
+            from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+            available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+            missing = [name for name in training.loggers if not available[name]]
+            if missing:
+                raise RecipeError(
+                    f"training.loggers asks for {missing}, which is not installed: pip install {' '.join(missing)}, "
+                    "or remove it (metrics.jsonl is written either way)."
+                )
             kwargs["log_with"] = list(training.loggers)
             kwargs["project_dir"] = self.recipe.output_dir
         return Accelerator(**kwargs)

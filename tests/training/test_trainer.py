@@ -167,3 +167,29 @@ def test_resume_refuses_a_changed_recipe(tiny_files, tmp_path):
     values["training"]["log_every"] = 1
     with pytest.raises(RecipeError, match=r"training.lr: 0.003 -> 1.0"):
         LorsaTrainer(recipe_from_dict(values)).train(resume=True)
+
+
+def test_missing_logger_is_named(tiny_files, tmp_path):
+    from accelerate.utils import is_tensorboard_available
+
+    if is_tensorboard_available():
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(RecipeError, match="pip install tensorboard"):
+        LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, training={"loggers": ["tensorboard"]})))
+
+
+def test_bf16_autocast_run_through_the_cli(tiny_files, tmp_path):
+    """Mixed precision needs its own process (accelerate's state is process-wide)."""
+    values = tiny_recipe_dict(tiny_files, tmp_path, training={"max_steps": 3, "mixed_precision": "bf16"})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lorsa_hf.cli", "train", str(path)], env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["heldout/fvu"] < 10
+    lorsa = LorsaForReplacement.from_pretrained(tmp_path / "final")
+    assert lorsa.layer(0).W_Q.dtype == torch.float32
