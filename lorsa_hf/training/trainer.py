@@ -230,8 +230,8 @@ class LorsaTrainer:
 
         overrides = {k: v for k, v in recipe.lorsa.items() if k != "layers"}
         self.config = LorsaConfig.from_base_config(model.config, recipe.lorsa["layers"], **overrides)
-        if recipe.model.name != "embedded" or self.config.base_model_name_or_path is None:
-            self.config.base_model_name_or_path = recipe.model.name
+        # The recipe's name ("embedded" for the embedded model, as lorsa_hf.evals accepts it), not a local path.
+        self.config.base_model_name_or_path = recipe.model.name
         self.config.base_model_revision = recipe.model.revision
         self.layers = list(self.config.layers)
         self.owners = self._assign_owners()
