@@ -256,15 +256,17 @@ def layer_benchmarks(case: Case, recorder: Recorder, repeats: int, rates: dict[s
         for parameter in module.parameters():
             parameter.grad = None
 
-    # The dense-FLOP part: FLOPs of the matmuls over the time spent in them, from a profile
+    # The dense-FLOP part: FLOPs of the matmuls over the time spent in them, from a profile, against the matmul
+    # rate measured right before it (other processes on a shared machine change both alike)
     for variant in ("sparse", "dense"):
         for autocast in (False, True):
+            rate = matmul_rate(torch.bfloat16 if autocast else torch.float32)
             flops, seconds, total, top = dense_part_profile(train_step(variant, autocast))
-            rate = rates["bf16" if autocast else "fp32"]
             recorder.add(
                 case=case.name, variant=variant, op="train_step_profile",
                 dtype="bf16-autocast" if autocast else "fp32", matmul_flops=flops, matmul_s=seconds,
-                profiled_s=total, matmul_fraction_of_matmul_rate=flops / seconds / rate if seconds else 0.0,
+                profiled_s=total, matmul_rate_now=rate,
+                matmul_fraction_of_matmul_rate=flops / seconds / rate if seconds else 0.0,
                 top_ops=[[name, round(value, 5)] for name, value in top],
             )
 
