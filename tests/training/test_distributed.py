@@ -3,8 +3,9 @@ process on the same global batches, and an FSDP run resumed from its sharded-the
 
 Layer-distributed mode does exactly the single-process arithmetic for each layer (its owner sees the whole
 batch), so the weights are equal. DDP averages gradients of per-process halves; the loss is normalised by the
-global token count so the averaged gradient is the full-batch gradient up to float rounding, which Adam then
-amplifies slightly: equal losses, weights close. FSDP reduce-scatters the same averaged gradients.
+global token count so the averaged gradient is the full-batch gradient up to float rounding, which Adam can
+amplify (a near-zero gradient whose sign flips moves a weight by ~2 lr): equal losses, weights within a few
+lr. FSDP reduce-scatters the same averaged gradients.
 
 `accelerate launch --cpu --num_processes 2` starts multi-CPU jobs through mpirun only (accelerate 1.x), so the
 processes are started the torchrun way (`--multi_gpu`); on a machine without GPUs the trainer asks accelerate
@@ -94,7 +95,7 @@ def test_ddp_matches_one_process(runs):
     assert _losses(runs / "ddp") == pytest.approx(_losses(runs / "single"), rel=1e-4)
     single, distributed = _weights(runs / "single"), _weights(runs / "ddp")
     for name in single:
-        torch.testing.assert_close(distributed[name], single[name], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(distributed[name], single[name], atol=1e-2, rtol=1e-2)
     final = json.loads((runs / "ddp" / "final" / "final_metrics.json").read_text())
     reference = json.loads((runs / "single" / "final" / "final_metrics.json").read_text())
     assert final["heldout/fvu"] == pytest.approx(reference["heldout/fvu"], rel=1e-3)
@@ -105,7 +106,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly(runs):
     assert _losses(runs / "fsdp") == pytest.approx(_losses(runs / "single"), rel=1e-4)
     single, sharded = _weights(runs / "single"), _weights(runs / "fsdp")
     for name in single:
-        torch.testing.assert_close(sharded[name], single[name], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(sharded[name], single[name], atol=1e-2, rtol=1e-2)
     resumed = _weights(runs / "fsdp-resumed")
     for name in sharded:
         assert torch.equal(resumed[name], sharded[name]), name
