@@ -1,4 +1,5 @@
-# One command sets everything up and runs the main job (`make demo`) or the tests (`make test`).
+# One command sets everything up and runs the main job (`make demo`: train a Lorsa on the embedded SmolLM2-135M,
+# evaluate it, generate with it spliced in) or the tests (`make test`).
 #
 # Inside an activated virtual environment that already has torch (say a CUDA build on a GPU machine), that
 # environment and its torch are used. Otherwise a local .venv is created and torch is installed as
@@ -19,7 +20,7 @@ setup: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,eval]"
 
-demo: setup
+demo: embedded
 	$(VENV)/bin/lorsa-hf demo
 
 test: setup

@@ -14,13 +14,21 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 
 def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="splice a random Lorsa into a tiny model, generate, unsplice")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = subparsers.add_parser(
+        "demo", help="the main job: train a Lorsa on the embedded model, evaluate it, generate with it spliced in"
+    )
+    parser.add_argument("--output-dir", default="runs/demo", help="where the run and its report go")
+    parser.add_argument("--tokens", type=int, default=81_920, help="training tokens")
+    parser.add_argument("--eval-tokens", type=int, default=4_096, help="held-out tokens for the evaluation")
+    parser.add_argument("--tiny", action="store_true", help="a random Lorsa in a tiny random Llama instead (seconds)")
 
     def run(args: argparse.Namespace) -> int:
-        from ._demo import run_demo
+        from ._demo import run_demo, run_tiny_demo
 
-        run_demo(seed=args.seed)
+        if args.tiny:
+            run_tiny_demo()
+        else:
+            run_demo(output_dir=args.output_dir, tokens=args.tokens, eval_tokens=args.eval_tokens)
         return 0
 
     parser.set_defaults(func=run)
