@@ -337,6 +337,8 @@ def model_decode_benchmark(case: Case, recorder: Recorder, repeats: int) -> None
                 lorsa.splice(model)
             with torch.no_grad():
                 cache = model(prompt, use_cache=True).past_key_values
+                model(step_token, past_key_values=cache, use_cache=True)  # the first step after a prefill is slow
+                cache.crop(-1)
                 for _ in range(3):
                     start = time.perf_counter()
                     model(step_token, past_key_values=cache, use_cache=True)

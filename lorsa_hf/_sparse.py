@@ -147,6 +147,23 @@ def input_form_attention(
     return z
 
 
+def decoder_norms(W_O: torch.Tensor) -> torch.Tensor:
+    """||W_O[i]|| [n_ov], without gradient (they only rank heads). Outside training (no gradient wanted for W_O)
+    the result is kept on W_O and reused until W_O changes (a new tensor, or an in-place change, which bumps its
+    version): a decode step then reads no more than K rows of W_O. An in-place change through `W_O.data` is
+    invisible to PyTorch's version counter; after one, `del W_O.lorsa_decoder_norms` drops the kept norms."""
+    training = torch.is_grad_enabled() and W_O.requires_grad
+    with torch.no_grad():
+        if training:
+            return W_O.norm(dim=-1)
+        key = (W_O.data_ptr(), W_O._version, W_O.dtype)
+        cached = getattr(W_O, "lorsa_decoder_norms", None)
+        if cached is None or cached[0] != key:
+            cached = (key, W_O.norm(dim=-1))
+            W_O.lorsa_decoder_norms = cached
+        return cached[1]
+
+
 @torch.no_grad()
 def select_top_k(z: torch.Tensor, decoder_norms: torch.Tensor, top_k: int, activation: str) -> torch.Tensor:
     """Indices [N, K] of the K heads with the largest score |z| ||W_O|| ("topk_abs") or relu(z) ||W_O||."""
@@ -224,8 +241,8 @@ class _SparseTopKDecode(torch.autograd.Function):
     values [N, K], indices [N, K]). Saved for backward: the [N, K] indices and values, and W_O."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, W_O: torch.Tensor, top_k: int, activation: str):
-        indices = select_top_k(z, W_O.norm(dim=-1), top_k, activation)
+    def forward(ctx, z: torch.Tensor, W_O: torch.Tensor, norms: torch.Tensor, top_k: int, activation: str):
+        indices = select_top_k(z, norms, top_k, activation)
         values = z.gather(-1, indices)
         if activation == "topk_relu":
             values = values.relu()
@@ -248,7 +265,7 @@ class _SparseTopKDecode(torch.autograd.Function):
             grad_z.scatter_(-1, indices, grad_selected.to(ctx.z_dtype))
         if ctx.needs_input_grad[1]:
             grad_W_O = _selected_rows_gradient(grad_output.to(W_O.dtype), values, indices, W_O.shape[0])
-        return grad_z, grad_W_O, None, None
+        return grad_z, grad_W_O, None, None, None
 
 
 def sparse_top_k_decode(
@@ -256,4 +273,4 @@ def sparse_top_k_decode(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fast path: z [N, n_ov] -> (output [N, d] without b_O, kept values [N, K], their heads [N, K]),
     with the same selection as `dense_top_k_decode` and work proportional to K, not n_ov, after it."""
-    return _SparseTopKDecode.apply(z, W_O, top_k, activation)
+    return _SparseTopKDecode.apply(z, W_O, decoder_norms(W_O), top_k, activation)

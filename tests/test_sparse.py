@@ -93,6 +93,17 @@ def test_gradient_reaches_w_o_only_in_selected_rows(activation):
     assert grads["layers.1.W_O"][selected].abs().sum(-1).min() > 0
 
 
+def test_decoder_norms_kept_for_inference_follow_in_place_updates():
+    sparse, dense = lorsa_pair("topk_abs")
+    x = torch.randn(2, 12, 64)
+    with torch.no_grad():
+        sparse(x)  # keeps the decoder norms on W_O
+        for lorsa in (sparse, dense):
+            lorsa.layer(LAYER).W_O[::3].mul_(5.0)  # as an optimizer step would: in place, version bumped
+        selected_sparse, selected_dense = sparse(x).top_k_indices, dense(x).top_k_indices
+    assert torch.equal(selected_sparse.sort(-1).values, selected_dense.sort(-1).values)
+
+
 def test_float64_paths_agree_to_float64_precision():
     sparse, dense = lorsa_pair("topk_abs", dtype=torch.float64)
     x = torch.randn(2, 9, 64, dtype=torch.float64)
