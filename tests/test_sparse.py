@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 from lorsa_hf import LorsaConfig
-from lorsa_hf._sparse import sparse_decode
+from lorsa_hf._attention import group_attention
+from lorsa_hf._sparse import fused_group_attention, sparse_decode
 from tests.conftest import VOCAB, make_base, make_lorsa
 
 LAYER = 1
@@ -102,6 +103,35 @@ def test_decoder_norms_kept_for_inference_follow_in_place_updates():
             lorsa.layer(LAYER).W_O[::3].mul_(5.0)  # as an optimizer step would: in place, version bumped
         selected_sparse, selected_dense = sparse(x).top_k_indices, dense(x).top_k_indices
     assert torch.equal(selected_sparse.sort(-1).values, selected_dense.sort(-1).values)
+
+
+@pytest.mark.parametrize("mask_form", ["none", "padding_2d", "additive_4d"])
+def test_fused_chunked_attention_equals_group_attention(mask_form):
+    """Long keys (S > 2 g) and two d_qk-wide value chunks: the fused kernel path, with every mask form."""
+    generator = torch.Generator().manual_seed(0)
+    query, key = (torch.randn(2, 3, 40, 8, generator=generator, requires_grad=True) for _ in range(2))
+    value = torch.randn(2, 3, 40, 16, generator=generator, requires_grad=True)
+    padding = torch.ones(2, 40, dtype=torch.long)
+    padding[0, :7] = 0  # left padding: the first query rows of sequence 0 see no key at all
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    mask = {
+        "none": None,
+        "padding_2d": padding,
+        "additive_4d": torch.zeros(2, 1, 40, 40).masked_fill(~(causal & padding.bool()[:, None, None, :]), -1e30),
+    }[mask_form]
+    results = []
+    for attend in (fused_group_attention, group_attention):
+        z = attend(query, key, value, mask, 0.3)
+        gradients = torch.autograd.grad((z * torch.linspace(-1, 1, 16)).sum(), (query, key, value))
+        results.append((z, *gradients))
+    for fused, reference in zip(*results, strict=True):
+        torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_equals_dense_with_the_fused_attention():
+    sparse, dense = lorsa_pair("topk_relu")  # g = 32 = 2 d_qk: sequences longer than 64 take the fused kernel
+    x = torch.randn(1, 80, 64, generator=torch.Generator().manual_seed(0))
+    assert_same_path_results(sparse, dense, x)
 
 
 def test_float64_paths_agree_to_float64_precision():
