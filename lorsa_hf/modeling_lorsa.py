@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -174,14 +173,6 @@ class LorsaLayer(nn.Module):
         batch_size, seq_len, d = hidden_states.shape
         heads = self.config.n_qk_heads if d % self.config.n_qk_heads == 0 else 1
         return hidden_states.view(batch_size, seq_len, heads, d // heads).transpose(1, 2)
-
-    def decode(self, top_k_values: torch.Tensor, top_k_indices: torch.Tensor) -> torch.Tensor:
-        """ŷ = sum over the K selected heads of a_i W_O[i], plus b_O: [B, T, K] x2 -> [B, T, d]."""
-        k = top_k_indices.shape[-1]
-        output = F.embedding_bag(
-            top_k_indices.reshape(-1, k), self.W_O, per_sample_weights=top_k_values.reshape(-1, k), mode="sum"
-        )
-        return output.view(*top_k_indices.shape[:-1], -1) + self.b_O
 
 
 class LorsaPreTrainedModel(PreTrainedModel):
