@@ -101,11 +101,11 @@ def _check_compatible(lorsa: LorsaForReplacement, model: PreTrainedModel, layers
     return adapter
 
 
-def splice(
+def lorsa_attention_modules(
     lorsa: LorsaForReplacement, model: PreTrainedModel, layers: list[int] | None = None, move: bool = False
-) -> PreTrainedModel:
-    """Replace the attention modules of `layers` of `model` with `lorsa`'s layers, in place; see
-    `LorsaForReplacement.splice`. Every check runs before anything is replaced."""
+) -> dict[int, LorsaSplicedAttention]:
+    """The modules `splice` puts into `model`'s attention slots for `layers`, checked and built but not put in
+    place (the eval suite runs them in the slots one run at a time). Every check runs before anything is built."""
     layers = list(lorsa.config.layers if layers is None else layers)
     adapter = _check_compatible(lorsa, model, layers)
     for layer in layers:
@@ -117,13 +117,25 @@ def splice(
                 f"{original.device}/{original.dtype}; move it (lorsa.to(...)) or pass move=True."
             )
     use_base_rotary = _rotary_matches(lorsa, adapter, model.config)
+    modules = {}
     for layer in layers:
         original = adapter.get_attention(model, layer)
         lorsa_layer = lorsa.layer(layer)
         reference = _first_floating_parameter(original)
         if reference is not None:
             lorsa_layer.to(device=reference.device, dtype=reference.dtype)
-        adapter.set_attention(model, layer, LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary))
+        modules[layer] = LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary)
+    return modules
+
+
+def splice(
+    lorsa: LorsaForReplacement, model: PreTrainedModel, layers: list[int] | None = None, move: bool = False
+) -> PreTrainedModel:
+    """Replace the attention modules of `layers` of `model` with `lorsa`'s layers, in place; see
+    `LorsaForReplacement.splice`. Every check runs before anything is replaced."""
+    adapter = get_adapter(model)
+    for layer, module in lorsa_attention_modules(lorsa, model, layers, move).items():
+        adapter.set_attention(model, layer, module)
     return model
 
 

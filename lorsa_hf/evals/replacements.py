@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from ..adapters import get_adapter
 from ..modeling_lorsa import LorsaForReplacement, LorsaLayerOutput
-from ..splicing import LorsaSplicedAttention, _check_compatible, _rotary_matches, spliced_layers
+from ..splicing import LorsaSplicedAttention, lorsa_attention_modules, spliced_layers
 
 
 def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -62,12 +62,7 @@ def lorsa_replacements(
             f"The base model already has a Lorsa spliced into layers {spliced_layers(model)}; evaluate the clean "
             "model (unsplice it first, e.g. lorsa_hf.unsplice(model))."
         )
-    adapter = _check_compatible(lorsa, model, layers)
-    use_base_rotary = _rotary_matches(lorsa, adapter, model.config)
-    return {
-        layer: LorsaSplicedAttention(lorsa.layer(layer), adapter.get_attention(model, layer), adapter, use_base_rotary)
-        for layer in layers
-    }
+    return lorsa_attention_modules(lorsa, model, layers)
 
 
 def original_attention(model: PreTrainedModel, layers: list[int]) -> dict[int, nn.Module]:
