@@ -10,6 +10,37 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask_permissions(path: str | os.PathLike, mode: int = 0o777) -> None:
+    """mkdtemp/mkstemp make their result private (0700/0600); give what is published the permissions a plain
+    mkdir or open would (`mode` less the umask), so checkpoints and caches shared between users stay readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, mode & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_write_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary file path beside `path`; on success that file replaces `path` in one rename, so readers
+    never see a half-written file. On failure it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(handle)
+    try:
+        yield staging
+        _umask_permissions(staging, 0o666)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_write_path(path) as staging:
+        Path(staging).write_text(text, encoding="utf-8")
+
+
 @contextlib.contextmanager
 def atomic_save_directory(directory: str | os.PathLike) -> Iterator[str]:
     """Yield a staging folder beside `directory`; on success it takes `directory`'s place in one rename.
@@ -22,6 +53,7 @@ def atomic_save_directory(directory: str | os.PathLike) -> Iterator[str]:
         raise NotADirectoryError(f"Cannot save into {target}: it exists and is not a folder.")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    _umask_permissions(staging)
     try:
         yield str(staging)
         if not target.exists():

@@ -105,14 +105,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _umask_permissions(folder: str) -> None:
-    """mkdtemp makes the staging folder private (0700); give the published cache folder the usual permissions,
-    so a cache shared between users or nodes ($LORSA_HF_CACHE) stays readable."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -193,7 +185,6 @@ def _build_model_folder(target: Path) -> None:
     reference_loss = _loss(gguf_model, input_ids)
     del gguf_model
     with atomic_save_directory(target) as staging:
-        _umask_permissions(staging)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         reloaded = LlamaForCausalLM.from_pretrained(staging, dtype=torch.float32).eval()
@@ -465,7 +456,6 @@ def _build_corpus_folder(target: Path) -> None:
         "built_at": _now(),
     }
     with atomic_save_directory(target) as staging:
-        _umask_permissions(staging)
         for name, text in texts.items():
             path = Path(staging) / "texts" / f"{name}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,13 @@ def test_a_killed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     second.save_pretrained(target)
     assert torch.equal(LorsaForReplacement.from_pretrained(target).layer(0).W_O, second.layer(0).W_O)
     assert (target / "README.md").read_text() == "model card"  # files the save does not write are kept
+
+
+def test_a_saved_checkpoint_gets_the_usual_folder_permissions(tmp_path):
+    import os
+    import stat
+
+    make_lorsa(tiny_llama_config(), [0]).save_pretrained(tmp_path / "lorsa")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "lorsa").stat().st_mode) == 0o777 & ~mask

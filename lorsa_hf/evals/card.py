@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import _json_ready, _number, _table, load_results, write_text_atomic
+from .._io import atomic_write_text
+from .report import _json_ready, _number, _table, load_results
 
 
 def _front_matter(results: dict[str, Any], license: str | None, tags: Sequence[str]) -> str:
@@ -105,7 +106,7 @@ def write_model_card(
     results: dict[str, Any] | str | os.PathLike, path: str | os.PathLike, **kwargs: Any
 ) -> Path:
     """Write `model_card(results, **kwargs)` to `path` atomically and return the path."""
-    write_text_atomic(path, model_card(results, **kwargs))
+    atomic_write_text(path, model_card(results, **kwargs))
     return Path(path)
 
 

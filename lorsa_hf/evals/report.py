@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .._io import atomic_write_path, atomic_write_text
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -27,26 +27,9 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file beside `path`, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(staging)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(Path(path), lambda staging: Path(staging).write_text(text, encoding="utf-8"))
-
-
 def write_results(results: dict[str, Any], path: str | os.PathLike) -> None:
     """`results` as strict JSON (NaN as null), atomically."""
-    write_text_atomic(path, json.dumps(_json_ready(results), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(_json_ready(results), indent=2, allow_nan=False) + "\n")
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -175,7 +158,8 @@ def plot_layers(results: dict[str, Any], path: str | os.PathLike) -> None:
     right.set(title="Loss recovered (higher is better)", xlabel="layers spliced")
     right.legend(fontsize="small")
     figure.tight_layout()
-    _atomic_write(Path(path), lambda staging: figure.savefig(staging, dpi=120, format="png"))
+    with atomic_write_path(path) as staging:
+        figure.savefig(staging, dpi=120, format="png")
     plt.close(figure)
 
 
@@ -196,7 +180,8 @@ def plot_frequencies(results: dict[str, Any], path: str | os.PathLike) -> None:
     axis.set(xlabel="log10 activation frequency", ylabel="heads", title="Lorsa head activation frequency")
     axis.legend(fontsize="small")
     figure.tight_layout()
-    _atomic_write(Path(path), lambda staging: figure.savefig(staging, dpi=120, format="png"))
+    with atomic_write_path(path) as staging:
+        figure.savefig(staging, dpi=120, format="png")
     plt.close(figure)
 
 
@@ -209,7 +194,7 @@ def write_report(results: dict[str, Any], output_dir: str | os.PathLike) -> dict
     if any("frequency_histogram" in m for m in results["reconstruction"].values()):
         paths["frequency_plot"] = output / FREQUENCY_PLOT
         plot_frequencies(results, paths["frequency_plot"])
-    write_text_atomic(paths["report"], render_markdown(_json_ready(results)))
+    atomic_write_text(paths["report"], render_markdown(_json_ready(results)))
     return paths
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_write_text
+
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -78,10 +80,7 @@ def save_checkpoint(
 
 def write_json_atomic(path: str | os.PathLike, values: Any) -> None:
     """Write JSON to `path` through a temporary file and one rename."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(values, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(values, indent=2, sort_keys=True))
 
 
 def rng_state() -> dict[str, Any]:

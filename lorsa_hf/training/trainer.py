@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .._io import atomic_save_directory
+from .._io import atomic_save_directory, atomic_write_text
 from ..configuration_lorsa import LorsaConfig
 from ..modeling_lorsa import LorsaForReplacement, LorsaLayer
 from .activations import (
@@ -733,9 +733,7 @@ class LorsaTrainer:
                 continue
             if entry.get("step", 0) <= self.step:
                 kept.append(line)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
