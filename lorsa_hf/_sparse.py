@@ -168,11 +168,22 @@ def decoder_norms(W_O: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select_top_k(z: torch.Tensor, decoder_norms: torch.Tensor, top_k: int, activation: str) -> torch.Tensor:
-    """Indices [N, K] of the K heads with the largest score |z| ||W_O|| ("topk_abs") or relu(z) ||W_O||."""
+def select_top_k(
+    z: torch.Tensor, decoder_norms: torch.Tensor, top_k: int, activation: str, among: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices [N, K] of the K heads with the largest score |z| ||W_O|| ("topk_abs") or relu(z) ||W_O||;
+    with `among` (boolean [n_ov]) only those heads compete (the auxiliary loss picks among dead heads)."""
     scores = z.abs() if activation == "topk_abs" else z.relu()
     scores = scores.to(torch.promote_types(z.dtype, decoder_norms.dtype)).mul_(decoder_norms)
+    if among is not None:
+        scores = scores.masked_fill_(~among, -1.0)
     return scores.topk(top_k, dim=-1, sorted=False).indices
+
+
+def kept_activations(z: torch.Tensor, indices: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activations a at the selected heads [N, K]: signed z ("topk_abs") or relu(z) ("topk_relu")."""
+    values = z.gather(-1, indices)
+    return values.relu() if activation == "topk_relu" else values
 
 
 def dense_top_k_decode(
@@ -183,9 +194,7 @@ def dense_top_k_decode(
     z [N, n_ov] -> (output [N, d] without b_O, kept values [N, K], their heads [N, K]).
     """
     indices = select_top_k(z, W_O.detach().norm(dim=-1), top_k, activation)
-    values = z.gather(-1, indices)
-    if activation == "topk_relu":
-        values = values.relu()
+    values = kept_activations(z, indices, activation)
     activations = torch.zeros_like(z).scatter(-1, indices, values)
     return activations @ W_O.to(activations.dtype), values, indices
 
@@ -246,9 +255,7 @@ class _SparseTopKDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, W_O: torch.Tensor, norms: torch.Tensor, top_k: int, activation: str):
         indices = select_top_k(z, norms, top_k, activation)
-        values = z.gather(-1, indices)
-        if activation == "topk_relu":
-            values = values.relu()
+        values = kept_activations(z, indices, activation)
         output = sparse_decode(values, indices, W_O)
         ctx.save_for_backward(indices, values, W_O)
         ctx.relu = activation == "topk_relu"

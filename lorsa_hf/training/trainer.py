@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors import safe_open
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .._io import atomic_save_directory, atomic_write_text
+from .._sparse import kept_activations, select_top_k, sparse_decode
 from ..configuration_lorsa import LorsaConfig
 from ..modeling_lorsa import LorsaForReplacement, LorsaLayer
 from .activations import (
@@ -150,18 +150,11 @@ class LorsaLayerStep(nn.Module):
         out = self.layer(hidden_states, attention_mask=attention_mask, output_activations=True, top_k=top_k)
         auxiliary = None
         if dead is not None:
-            z = out.z.float()
-            selectable = z.abs() if self.layer.config.activation == "topk_abs" else z.relu()
-            scores = (selectable * self.layer.W_O.norm(dim=-1)).masked_fill(~dead, -1.0)
-            indices = scores.topk(k_aux, dim=-1).indices
-            values = z.gather(-1, indices)
-            if self.layer.config.activation == "topk_relu":
-                values = values.relu()
-            flat = F.embedding_bag(
-                indices.reshape(-1, k_aux), self.layer.W_O.float(), per_sample_weights=values.reshape(-1, k_aux),
-                mode="sum",
-            )
-            auxiliary = flat.view(*z.shape[:-1], -1)
+            activation, W_O = self.layer.config.activation, self.layer.W_O.float()
+            z = out.z.float().flatten(0, -2)  # [N, n_ov]
+            indices = select_top_k(z, W_O.detach().norm(dim=-1), k_aux, activation, among=dead)
+            auxiliary = sparse_decode(kept_activations(z, indices, activation), indices, W_O)
+            auxiliary = auxiliary.view(*out.z.shape[:-1], -1)
         return out.hidden_states, out.top_k_values, out.top_k_indices, auxiliary
 
 
@@ -395,7 +388,7 @@ class LorsaTrainer:
         auxiliary = {}
         if with_auxiliary and self.recipe.training.aux_loss_coef > 0:
             for layer in batch.activations:
-                dead = self.tokens_since_fired[self.layers.index(layer)] >= self.recipe.training.dead_tokens
+                dead = self._dead_heads(self.layers.index(layer))
                 if dead.any():
                     auxiliary[str(layer)] = (dead.to(self.accelerator.device), min(self.k_aux, int(dead.sum())))
         with self.accelerator.autocast():
@@ -444,7 +437,7 @@ class LorsaTrainer:
             error = (prediction.float() - target)[mask]
             loss = loss + error.pow(2).sum() * scale.float()
             if auxiliary is not None:
-                dead = self.tokens_since_fired[self.layers.index(layer)] >= self.recipe.training.dead_tokens
+                dead = self._dead_heads(self.layers.index(layer))
                 aux = self._aux_loss(auxiliary[mask], error, target[mask], int(dead.sum()))
                 loss = loss + self.recipe.training.aux_loss_coef * aux
         return loss
@@ -458,6 +451,10 @@ class LorsaTrainer:
         variance = (target - target.mean(0)).pow(2).sum().clamp(min=1e-12)
         scale = min(dead_count / self.k_aux, 1.0)
         return scale * (reconstruction.float() - residual).pow(2).sum() / variance
+
+    def _dead_heads(self, position: int) -> torch.Tensor:
+        """Boolean [n_ov]: the heads of the `position`-th layer not selected for `dead_tokens` loss tokens."""
+        return self.tokens_since_fired[position] >= self.recipe.training.dead_tokens
 
     def _update_dead_tracker(self, stats: torch.Tensor) -> None:
         d = self.config.hidden_size
@@ -479,7 +476,7 @@ class LorsaTrainer:
             if prefix:
                 metrics[f"{prefix}layer{layer}/dead_fraction"] = float((row[4 + d :] == 0).double().mean())
             else:
-                dead = self.tokens_since_fired[position] >= self.recipe.training.dead_tokens
+                dead = self._dead_heads(position)
                 metrics[f"layer{layer}/dead_fraction"] = float(dead.double().mean())
         for name in ("fvu", "l0", "dead_fraction"):
             values = [metrics[f"{prefix}layer{layer}/{name}"] for layer in self.layers]
