@@ -128,6 +128,65 @@ def test_fused_chunked_attention_equals_group_attention(mask_form):
         torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-4)
 
 
+def _attention_masks(batch: int, query_length: int, key_length: int) -> dict[str, object]:
+    """Every mask form transformers hands an attention module, for queries at the last T of S positions; the first
+    sequence is left-padded so that its first query rows see no key at all."""
+    padding = torch.ones(batch, key_length, dtype=torch.long)
+    padding[0, : key_length - query_length + 3] = 0
+    causal = torch.ones(query_length, key_length, dtype=torch.bool).tril(key_length - query_length)
+    allowed = causal & padding.bool()[:, None, None, :]
+    masks = {
+        "padding_2d": padding,
+        "additive_4d": torch.zeros(batch, 1, query_length, key_length).masked_fill(~allowed, -1e30),
+        "boolean_4d": allowed,
+        "bidirectional": torch.ones(batch, 1, query_length, key_length, dtype=torch.bool),
+    }
+    if query_length == key_length:  # no mask means plain causal attention
+        masks["none"] = None
+    return masks
+
+
+@pytest.mark.parametrize(
+    ("lengths", "mask_form"),
+    [((23, 23), form) for form in ("none", "padding_2d", "additive_4d", "boolean_4d", "bidirectional")]
+    + [((9, 23), form) for form in ("padding_2d", "additive_4d", "boolean_4d", "bidirectional")],
+)
+def test_blocked_attention_equals_group_attention(monkeypatch, lengths, mask_form):
+    """Blocks of 4 query rows, each against the keys its mask lets it see: z and the gradients of q, k and v
+    equal the full attention's in float64, for every mask form, with a cached prefix and padded rows."""
+    monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
+    query_length, key_length = lengths
+    masks = _attention_masks(2, query_length, key_length)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, query_length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(2, 3, key_length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 3, key_length, 24, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, query_length, 24, generator=generator, dtype=torch.float64)
+    results = []
+    for attend in (fused_group_attention, group_attention):
+        z = attend(query, key, value, masks[mask_form], 0.3)
+        results.append((z, *torch.autograd.grad((z * weights).sum(), (query, key, value))))
+    for blocked, reference in zip(*results, strict=True):
+        torch.testing.assert_close(blocked, reference, atol=1e-12, rtol=1e-10)
+
+
+def test_blocked_attention_skips_the_keys_a_causal_block_cannot_see():
+    from lorsa_hf._sparse import _query_blocks
+
+    causal = torch.ones(256, 256, dtype=torch.bool).tril()[None, None]
+    assert _query_blocks(causal, 256, 256) == [(0, 64, 64), (64, 128, 128), (128, 192, 192), (192, 256, 256)]
+    after_prefix = torch.ones(64, 320, dtype=torch.bool).tril(256)[None, None]
+    assert _query_blocks(after_prefix, 64, 320) == [(0, 64, 320)]
+    assert _query_blocks(None, 1, 300) == [(0, 1, 300)]  # a decode step sees every cached key
+
+
+def test_sparse_equals_dense_over_several_attention_blocks(monkeypatch):
+    monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
+    sparse, dense = lorsa_pair("topk_abs")
+    x = torch.randn(2, 14, 64, generator=torch.Generator().manual_seed(0))
+    assert_same_path_results(sparse, dense, x)
+
+
 def test_sparse_equals_dense_with_the_fused_attention():
     sparse, dense = lorsa_pair("topk_relu")  # g = 32 = 2 d_qk: sequences longer than 64 take the fused kernel
     x = torch.randn(1, 80, 64, generator=torch.Generator().manual_seed(0))
