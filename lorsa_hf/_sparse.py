@@ -39,17 +39,17 @@ def project_queries_keys_values(
     """x [B, T, d] -> q and k stacked [B, 2 n_qk, T, d_qk] (queries first) and v [B, n_qk, T, g] (the g scalar
     values of each group's heads; None without `with_values`, for a step whose z comes from cached inputs).
 
-    From `FUSED_PROJECTION_MIN_TOKENS` tokens on, Q and K are one matmul with a fused [2 n_qk d_qk, d] weight
+    From `FUSED_PROJECTION_MIN_TOKENS` tokens on, Q and K are one matmul with a fused [d, 2 n_qk d_qk] weight
     (rebuilt per call from the stored [n_qk, d, d_qk] layout, so gradients flow and nothing can go stale; the copy
-    is small next to the matmul). For fewer tokens (a decode step) the copy would cost more than the
+    moves whole d_qk-wide rows and is small next to the matmul). For fewer tokens (a decode step) the copy would cost more than the
     matrix-vector product itself, so Q and K are batched over the groups against the stored layout. V is one
     matmul against its stored [n_ov, d] layout, which already is the one a matmul wants.
     """
     batch_size, seq_len, d = hidden_states.shape
     n_qk, _, d_qk = W_Q.shape
     if batch_size * seq_len >= FUSED_PROJECTION_MIN_TOKENS:
-        weight = torch.cat((W_Q.transpose(1, 2).reshape(-1, d), W_K.transpose(1, 2).reshape(-1, d)))
-        query_key = F.linear(hidden_states, weight, torch.cat((b_Q.reshape(-1), b_K.reshape(-1))))
+        weight = torch.cat((W_Q, W_K)).permute(1, 0, 2).reshape(d, -1)  # [d, 2 n_qk d_qk], copied in d_qk runs
+        query_key = torch.addmm(torch.cat((b_Q, b_K)).reshape(-1), hidden_states.reshape(-1, d), weight)
         query_key = query_key.view(batch_size, seq_len, 2 * n_qk, d_qk).transpose(1, 2)
     else:
         tokens = hidden_states.reshape(1, batch_size * seq_len, d).expand(n_qk, -1, -1)
@@ -86,94 +86,160 @@ def reference_projections(
 ATTENTION_BLOCK_ROWS = 64
 
 
-def _query_blocks(mask: torch.Tensor | None, query_length: int, key_length: int) -> list[tuple[int, int, int]]:
+def _query_blocks(mask: torch.Tensor | None, query_length: int, key_length: int) -> list[tuple[int, int, int, int]]:
     """Blocks of query rows [start, stop) with the number of leading keys `end` that some row of the block may
-    see. Under a causal mask the keys after `end` are masked for the whole block, so it skips them: with blocks
-    of 64 rows at T = S = 256 the attention does 62.5% of the full T x S work. Whatever the mask, `end` is read
-    from it, so no key that any row may see is ever skipped."""
+    see, and the first key column `masked_from` that some row of the block may not see. Under a causal mask
+    the keys after `end` are masked for the whole block, so it skips them (with blocks of 64 rows at
+    T = S = 256 the attention does 62.5% of the full T x S work), and only the columns from `masked_from` on
+    (the block's diagonal) need the mask. Both are read from the mask, so no key a row may see is skipped."""
     rows = max(ATTENTION_BLOCK_ROWS, -(-query_length // 8))
     starts = range(0, query_length, rows)
     if mask is None:
-        return [(start, min(start + rows, query_length), key_length) for start in starts]
-    seen = mask.reshape(-1, query_length, key_length).any(0)  # [T, S]: a key some sequence's row may see
+        return [(start, min(start + rows, query_length), key_length, key_length) for start in starts]
+    mask = mask.reshape(-1, query_length, key_length)
+    seen, hidden = mask.any(0), ~mask.all(0)  # [T, S]: a key some sequence's row may see / may not see
     blocks = []
     for start in starts:
         stop = min(start + rows, query_length)
-        visible = seen[start:stop].any(0).nonzero()
-        blocks.append((start, stop, int(visible[-1]) + 1 if len(visible) else 1))
+        visible, masked = seen[start:stop].any(0).nonzero(), hidden[start:stop].any(0).nonzero()
+        end = int(visible[-1]) + 1 if len(visible) else 1
+        blocks.append((start, stop, end, min(int(masked[0]), end) if len(masked) else end))
     return blocks
 
 
-class _BlockedGroupAttention(torch.autograd.Function):
-    """softmax(q k^T * scale) v per QK group over blocks of query rows, each against only the keys its mask lets
-    it see (`_query_blocks`): q [B, H, T, d_qk], k [B, H, S, d_qk], v [B, H, S, g] -> z [B, H, T, g].
+def _block_pattern(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, block: tuple[int, int, int, int],
+    scale: float, empty_rows: bool,
+) -> torch.Tensor:
+    """Softmax pattern P [H, rows, end] of one sequence's query rows start:stop (q [H, T, d_qk]) against its first
+    `end` keys (k [H, S, d_qk]); mask [T, S] or None. Rows that may see no key (`empty_rows`) get zeros."""
+    start, stop, end, masked_from = block
+    logits = torch.matmul(query[:, start:stop], key[:, :end].transpose(-1, -2)).mul_(scale)
+    if mask is not None and masked_from < end:
+        hidden = ~mask[start:stop, masked_from:end]
+        logits[..., masked_from:].masked_fill_(hidden, torch.finfo(logits.dtype).min)
+    pattern = torch.softmax(logits, dim=-1)
+    if empty_rows:
+        pattern.masked_fill_(~mask[start:stop, :end].any(-1, keepdim=True), 0.0)
+    return pattern
 
-    Forward keeps each block's softmax pattern; backward uses that the softmax gradient of a row is
-    P * (dP - sum(dP * P)), in place, and accumulates dv and dk block by block. Query rows that may see no key
-    at all (padding) give zeros, as `group_attention` does."""
+
+def _write_or_add(target: torch.Tensor, end: int, block: torch.Tensor, first: bool) -> None:
+    """target[:, :end] = block, and zeros after `end` (first block) or target[:, :end] += block (later blocks):
+    dk and dv [H, S, *] are accumulated over blocks of query rows without a zero fill."""
+    if first:
+        target[:, :end] = block
+        target[:, end:] = 0.0
+    else:
+        target[:, :end] += block
+
+
+class _BlockedSparseAttention(torch.autograd.Function):
+    """Attention of every QK group and the TopK selection as one node, so that the gradient stays sparse:
+    q [B, H, T, d_qk], k [B, H, S, d_qk], v [B, H, S, g] -> z [N, n_ov] (head i = group * g + j), the kept
+    activations [N, K] and their heads [N, K].
+
+    Forward runs blocks of query rows against only the keys their mask lets them see (`_query_blocks`) and
+    selects each block's TopK as soon as its z is known. Kept for backward: q, k, v and the [N, K] selection;
+    no [T, S] pattern (backward recomputes each block's, one block at a time) and nothing of size N x n_ov.
+    Backward builds each block's dz from the gradient of the K kept activations per token (plus that of z, when
+    z itself was used), and uses that a softmax row's gradient is P * (dP - sum(dP * P)), in place. Query rows
+    that may see no key at all (padding) give zeros, as `group_attention` does."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, scale: float):
+    def forward(ctx, query, key, value, mask, scale: float, norms, top_k: int, activation: str):
         batch_size, heads, query_length, _ = query.shape
-        key_length = key.shape[-2]
-        blocks = _query_blocks(mask, query_length, key_length)
-        keep = any(ctx.needs_input_grad[:3])
-        value = value.contiguous()  # v^T in backward: a plain transposed matrix (bf16 matmuls copy anything else)
-        # z is written in the [B, T, H, g] layout, so that the [N, n_ov] view the selection reads is free
-        z = torch.empty(batch_size, query_length, heads, value.shape[-1], dtype=value.dtype, device=value.device)
-        patterns = []
+        group_size = value.shape[-1]
+        n_ov = heads * group_size
+        blocks = _query_blocks(mask, query_length, key.shape[-2])
+        empty_rows = mask is not None and not bool(mask.any(-1).all())
+        if value.dtype not in (torch.float32, torch.float64):
+            value = value.contiguous()  # bf16/fp16 matmuls copy v^T unless it is a plain transposed matrix
+        z = torch.empty(batch_size, query_length, heads, group_size, dtype=value.dtype, device=value.device)
+        values = torch.empty(batch_size, query_length, top_k, dtype=value.dtype, device=value.device)
+        indices = torch.empty(batch_size, query_length, top_k, dtype=torch.long, device=value.device)
         for b in range(batch_size):
-            block_mask = None if mask is None else mask[b if mask.shape[0] > 1 else 0, 0]  # [T, S]
-            for start, stop, end in blocks:
-                logits = torch.matmul(query[b, :, start:stop], key[b, :, :end].transpose(-1, -2))  # [H, rows, end]
-                logits.mul_(scale)
-                rows_seeing_nothing = None
-                if block_mask is not None:
-                    allowed = block_mask[start:stop, :end]
-                    logits.masked_fill_(~allowed, torch.finfo(logits.dtype).min)
-                    rows_seeing_nothing = ~allowed.any(-1)
-                pattern = torch.softmax(logits, dim=-1)
-                del logits
-                if rows_seeing_nothing is not None and rows_seeing_nothing.any():
-                    pattern.masked_fill_(rows_seeing_nothing[:, None], 0.0)
-                z[b, start:stop] = torch.matmul(pattern, value[b, :, :end]).transpose(0, 1)
-                if keep:
-                    patterns.append(pattern)
-        ctx.blocks, ctx.scale = blocks, scale
-        if keep:
-            ctx.save_for_backward(query, key, value, *patterns)
-        return z.transpose(1, 2)
+            sequence_mask = None if mask is None else mask[b if mask.shape[0] > 1 else 0, 0]  # [T, S]
+            for block in blocks:
+                start, stop, end, _ = block
+                pattern = _block_pattern(query[b], key[b], sequence_mask, block, scale, empty_rows)
+                z[b, start:stop] = torch.matmul(pattern, value[b, :, :end]).transpose(0, 1)  # [rows, H, g]
+                z_rows = z[b, start:stop].view(stop - start, n_ov)
+                indices[b, start:stop] = select_top_k(z_rows, norms, top_k, activation)
+                values[b, start:stop] = kept_activations(z_rows, indices[b, start:stop], activation)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(query, key, value, mask, values, indices)
+        ctx.blocks, ctx.scale, ctx.empty_rows, ctx.relu = blocks, scale, empty_rows, activation == "topk_relu"
+        ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)
+        return z.view(-1, n_ov), values.view(-1, top_k), indices.view(-1, top_k)
 
     @staticmethod
-    def backward(ctx, grad_z: torch.Tensor):
-        query, key, value, *patterns = ctx.saved_tensors
-        batch_size, blocks = query.shape[0], ctx.blocks
+    def backward(ctx, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None, grad_indices: None):
+        query, key, value, mask, values, indices = ctx.saved_tensors
+        batch_size, heads, query_length, _ = query.shape
+        group_size, blocks = value.shape[-1], ctx.blocks
+        values, indices = values.view(-1, values.shape[-1]), indices.view(-1, indices.shape[-1])
+        if grad_values is not None and ctx.relu:
+            grad_values = grad_values * (values > 0)
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        rows_buffer = torch.zeros(
+            max(stop - start for start, stop, _, _ in blocks), heads * group_size, dtype=value.dtype, device=value.device
+        )
         for b in range(batch_size):
+            sequence_mask = None if mask is None else mask[b if mask.shape[0] > 1 else 0, 0]
             # the block that sees the most keys first: it writes dk and dv, the others add to them
             for number in reversed(range(len(blocks))):
-                start, stop, end = blocks[number]
-                pattern = patterns[b * len(blocks) + number]  # P [H, rows, end]
-                grad_block = grad_z[b, :, start:stop]  # dz [H, rows, g]
+                start, stop, end, _ = block = blocks[number]
+                tokens = slice(b * query_length + start, b * query_length + stop)
+                # dz of the block's tokens [rows, n_ov]: the kept activations' gradient at their heads, plus z's own
+                grad_rows = rows_buffer[: stop - start]
+                if grad_z is not None:
+                    grad_rows.copy_(grad_z[tokens])
+                if grad_values is not None:
+                    grad_rows.scatter_add_(-1, indices[tokens], grad_values[tokens].to(value.dtype))
+                grad_block = grad_rows.view(stop - start, heads, group_size).transpose(0, 1)  # dz [H, rows, g]
+                pattern = _block_pattern(query[b], key[b], sequence_mask, block, ctx.scale, ctx.empty_rows)
                 grad_logits = torch.matmul(grad_block, value[b, :, :end].transpose(-1, -2))  # dP [H, rows, end]
                 grad_logits.mul_(pattern)
                 grad_logits.addcmul_(pattern, grad_logits.sum(-1, keepdim=True), value=-1.0)  # softmax backward
+                first = number == len(blocks) - 1
+                _write_or_add(grad_value[b], end, torch.matmul(pattern.transpose(-1, -2), grad_block), first)
+                del pattern
                 grad_query[b, :, start:stop] = torch.matmul(grad_logits, key[b, :, :end]).mul_(ctx.scale)
                 grad_key_block = torch.matmul(grad_logits.transpose(-1, -2), query[b, :, start:stop]).mul_(ctx.scale)
-                grad_value_block = torch.matmul(pattern.transpose(-1, -2), grad_block)
-                if number == len(blocks) - 1:
-                    grad_key[b, :, :end], grad_value[b, :, :end] = grad_key_block, grad_value_block
-                    grad_key[b, :, end:], grad_value[b, :, end:] = 0.0, 0.0
-                else:
-                    grad_key[b, :, :end] += grad_key_block
-                    grad_value[b, :, :end] += grad_value_block
-        return grad_query, grad_key, grad_value, None, None
+                _write_or_add(grad_key[b], end, grad_key_block, first)
+                if grad_z is None:
+                    grad_rows.scatter_(-1, indices[tokens], 0.0)  # zeros again for the next block, K per token
+        return grad_query, grad_key, grad_value, None, None, None, None, None
 
 
-def fused_group_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object, scale: float
-) -> torch.Tensor:
-    """`group_attention` [B, n_qk, T, g] for any transformers mask, skipping the work a causal mask makes void.
+def select_activations(
+    z: torch.Tensor, norms: torch.Tensor, top_k: int, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [N, n_ov] -> the kept activations [N, K] (differentiable, through a gather) and their heads [N, K]."""
+    indices = select_top_k(z, norms, top_k, activation)
+    return kept_activations(z, indices, activation), indices
+
+
+def dense_attention_top_k(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object, scale: float,
+    W_O: torch.Tensor, top_k: int, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference: the full unfused attention of every QK group, then TopK over z, through autograd.
+
+    q [B, n_qk, T, d_qk], k [B, n_qk, S, d_qk], v [B, n_qk, S, g] -> (z [N, n_ov], kept values [N, K], heads [N, K]).
+    """
+    z = group_attention(query, key, value, attention_mask, scale)
+    z = z.transpose(1, 2).reshape(-1, W_O.shape[0])
+    return (z, *select_activations(z, W_O.detach().norm(dim=-1), top_k, activation))
+
+
+def sparse_attention_top_k(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object, scale: float,
+    W_O: torch.Tensor, top_k: int, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dense_attention_top_k`, skipping the work a causal mask makes void and keeping the gradient sparse.
 
     Two kernels, by what is faster on the shape:
     - PyTorch's fused (flash) attention for long keys. It wants value width == d_qk, so the g values of a group
@@ -182,32 +248,38 @@ def fused_group_attention(
       rate. Measured on 2 CPU cores (training step of the attention alone): at T = 1024, g = 2 d_qk about 3x
       faster than the full unfused attention; at T = 256, or at g = 8 d_qk, slower. So it runs for at most two
       chunks and keys longer than 2 g.
-    - Otherwise `_BlockedGroupAttention`: batched matmuls over blocks of query rows, each against the keys its
-      mask lets it see (62.5% of the T x S work at T = 256 under a causal mask), with its own backward.
+    - Otherwise `_BlockedSparseAttention`: batched matmuls over blocks of query rows, each against the keys its
+      mask lets it see (62.5% of the T x S work at T = 256 under a causal mask), with the selection in the same
+      node.
     """
     batch_size, n_qk, query_length, d_qk = query.shape
     key_length, group_size = key.shape[-2], value.shape[-1]
+    norms = decoder_norms(W_O)
     mask = boolean_attention_mask(attention_mask, batch_size, query_length, key_length, query.device)
     chunks = group_size // d_qk
-    if group_size % d_qk != 0 or chunks > 2 or key_length <= 2 * group_size:
-        if mask is not None and mask.shape[1] != 1:
-            return group_attention(query, key, value, mask, scale)  # a per-head mask (none of transformers' forms)
-        # one dtype for all three, as autocast would give the matmuls (q and k leave the rotary in float32)
-        device_type = query.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
-        with torch.autocast(device_type, enabled=False):
-            return _BlockedGroupAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), mask, scale)
-    causal = attention_mask is None and query_length == key_length
-    z = [
-        F.scaled_dot_product_attention(
-            query, key, chunk, attn_mask=None if causal else mask, is_causal=causal, scale=scale
+    if group_size % d_qk == 0 and chunks <= 2 and key_length > 2 * group_size:
+        causal = attention_mask is None and query_length == key_length
+        z = torch.cat([
+            F.scaled_dot_product_attention(
+                query, key, chunk, attn_mask=None if causal else mask, is_causal=causal, scale=scale
+            )
+            for chunk in value.split(d_qk, dim=-1)  # [B, n_qk, S, d_qk] views of v
+        ], dim=-1)
+        z = z.transpose(1, 2).reshape(-1, W_O.shape[0])
+        return (z, *select_activations(z, norms, top_k, activation))
+    if mask is not None and mask.shape[1] != 1:  # a per-head mask (none of transformers' forms)
+        z = group_attention(query, key, value, mask, scale).transpose(1, 2).reshape(-1, W_O.shape[0])
+        return (z, *select_activations(z, norms, top_k, activation))
+    # one dtype for all three, as autocast would give the matmuls (q and k leave the rotary in float32)
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _BlockedSparseAttention.apply(
+            query.to(dtype), key.to(dtype), value.to(dtype), mask, scale, norms, top_k, activation
         )
-        for chunk in value.split(d_qk, dim=-1)  # [B, n_qk, S, d_qk] views of v
-    ]
-    return torch.cat(z, dim=-1)
 
 
 def input_form_attention(
@@ -281,17 +353,12 @@ def kept_activations(z: torch.Tensor, indices: torch.Tensor, activation: str) ->
     return values.relu() if activation == "topk_relu" else values
 
 
-def dense_top_k_decode(
-    z: torch.Tensor, W_O: torch.Tensor, top_k: int, activation: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference: activations scattered into a dense [N, n_ov] tensor, decoded by a matmul with all of W_O.
-
-    z [N, n_ov] -> (output [N, d] without b_O, kept values [N, K], their heads [N, K]).
-    """
-    indices = select_top_k(z, W_O.detach().norm(dim=-1), top_k, activation)
-    values = kept_activations(z, indices, activation)
-    activations = torch.zeros_like(z).scatter(-1, indices, values)
-    return activations @ W_O.to(activations.dtype), values, indices
+def dense_top_k_decode(values: torch.Tensor, indices: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """The reference decode: the activations scattered into a dense [N, n_ov] tensor, then a matmul with all of
+    W_O (autograd differentiates through every head). values, indices [N, K] -> [N, d] without b_O."""
+    activations = torch.zeros(values.shape[0], W_O.shape[0], dtype=values.dtype, device=values.device)
+    activations = activations.scatter(-1, indices, values)
+    return activations @ W_O.to(activations.dtype)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
@@ -344,38 +411,27 @@ def _selected_rows_gradient(
 
 
 class _SparseTopKDecode(torch.autograd.Function):
-    """TopK selection and sparse decode as one autograd node: z [N, n_ov], W_O [n_ov, d] -> (output [N, d],
-    values [N, K], indices [N, K]). Saved for backward: the [N, K] indices and values, and W_O."""
+    """The decode of the kept activations as an autograd node: values [N, K], indices [N, K], W_O [n_ov, d] ->
+    [N, d]. Gradient reaches the kept values (a sampled dot product with W_O) and W_O only in the selected rows.
+    Saved for backward: the [N, K] indices and values, and W_O."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, W_O: torch.Tensor, norms: torch.Tensor, top_k: int, activation: str):
-        indices = select_top_k(z, norms, top_k, activation)
-        values = kept_activations(z, indices, activation)
-        output = sparse_decode(values, indices, W_O)
-        ctx.save_for_backward(indices, values, W_O)
-        ctx.relu = activation == "topk_relu"
-        ctx.z_shape, ctx.z_dtype = z.shape, z.dtype
-        ctx.mark_non_differentiable(indices)
-        return output, values, indices
+    def forward(ctx, values: torch.Tensor, indices: torch.Tensor, W_O: torch.Tensor):
+        ctx.save_for_backward(values, indices, W_O)
+        return sparse_decode(values, indices, W_O)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor, grad_values: torch.Tensor, grad_indices: None):
-        indices, values, W_O = ctx.saved_tensors
-        grad_z = grad_W_O = None
+    def backward(ctx, grad_output: torch.Tensor):
+        values, indices, W_O = ctx.saved_tensors
+        grad_values = grad_W_O = None
         if ctx.needs_input_grad[0]:
-            grad_selected = _selected_rows_dot(grad_output, W_O, indices).to(values.dtype) + grad_values
-            if ctx.relu:
-                grad_selected = grad_selected * (values > 0)
-            grad_z = torch.zeros(ctx.z_shape, dtype=ctx.z_dtype, device=values.device)
-            grad_z.scatter_(-1, indices, grad_selected.to(ctx.z_dtype))
-        if ctx.needs_input_grad[1]:
+            grad_values = _selected_rows_dot(grad_output, W_O, indices).to(values.dtype)
+        if ctx.needs_input_grad[2]:
             grad_W_O = _selected_rows_gradient(grad_output.to(W_O.dtype), values, indices, W_O.shape[0])
-        return grad_z, grad_W_O, None, None, None
+        return grad_values, None, grad_W_O
 
 
-def sparse_top_k_decode(
-    z: torch.Tensor, W_O: torch.Tensor, top_k: int, activation: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fast path: z [N, n_ov] -> (output [N, d] without b_O, kept values [N, K], their heads [N, K]),
-    with the same selection as `dense_top_k_decode` and work proportional to K, not n_ov, after it."""
-    return _SparseTopKDecode.apply(z, W_O, decoder_norms(W_O), top_k, activation)
+def sparse_top_k_decode(values: torch.Tensor, indices: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
+    """The fast decode: values, indices [N, K] -> [N, d] without b_O, reading only the K selected rows of W_O per
+    token, forward and backward."""
+    return _SparseTopKDecode.apply(values, indices, W_O)

@@ -14,15 +14,17 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from ._attention import group_attention
 from ._io import atomic_save_directory
 from ._rotary import LorsaRotaryEmbedding, apply_rotary
 from ._sparse import (
+    decoder_norms,
+    dense_attention_top_k,
     dense_top_k_decode,
-    fused_group_attention,
     input_form_attention,
     project_queries_keys_values,
     reference_projections,
+    select_activations,
+    sparse_attention_top_k,
     sparse_top_k_decode,
 )
 from .configuration_lorsa import LorsaConfig
@@ -122,7 +124,7 @@ class LorsaLayer(nn.Module):
         # The dense reference path (the reference implementations' formulation) or the fast path
         dense = config.implementation == "dense"
         project = reference_projections if dense else project_queries_keys_values
-        attend = group_attention if dense else fused_group_attention
+        attend_and_select = dense_attention_top_k if dense else sparse_attention_top_k
         top_k_decode = dense_top_k_decode if dense else sparse_top_k_decode
 
         # Projections: q and k stacked [B, 2 n_qk, T, d_qk] (norm and rotary run once on both); v [B, n_qk, T, g]
@@ -147,17 +149,22 @@ class LorsaLayer(nn.Module):
         elif cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        # z_i[s] = sum_t A_h(i)[s, t] v_i[t]: one attention per QK group with value width g
+        # z_i[s] = sum_t A_h(i)[s, t] v_i[t] (one attention per QK group with value width g) and the TopK selection
+        # weighted by the decoder norms: z [N, n_ov] (head i = group * g + j), the kept activations and their
+        # heads [N, K]. The fast path runs both as one node whose gradient reaches z only at the kept entries.
         scale = 1.0 / config.attn_scale
         if input_form:
             z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
+            z = z.transpose(1, 2).reshape(batch_size * seq_len, config.n_ov_heads)
+            top_k_values, top_k_indices = select_activations(z, decoder_norms(self.W_O), top_k, config.activation)
         else:
-            z = attend(query, key, value, attention_mask, scale=scale)
-        z = z.transpose(1, 2).reshape(batch_size * seq_len, config.n_ov_heads)  # head i = group * g + j
+            z, top_k_values, top_k_indices = attend_and_select(
+                query, key, value, attention_mask, scale, self.W_O, top_k, config.activation
+            )
 
-        # TopK selection weighted by the decoder norms, then the decode: the K selected rows of W_O per token
-        # (sparse, with its own backward), or the dense reference formulation over all n_ov heads
-        output, top_k_values, top_k_indices = top_k_decode(z, self.W_O, top_k, config.activation)
+        # The decode: the K selected rows of W_O per token (sparse, with its own backward), or the dense reference
+        # formulation over all n_ov heads
+        output = top_k_decode(top_k_values, top_k_indices, self.W_O)
         output = (output + self.b_O).view(batch_size, seq_len, -1)
         z = z.view(batch_size, seq_len, -1)
         top_k_values = top_k_values.view(batch_size, seq_len, top_k)

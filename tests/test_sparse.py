@@ -16,8 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 from lorsa_hf import LorsaConfig
-from lorsa_hf._attention import group_attention
-from lorsa_hf._sparse import fused_group_attention, sparse_decode
+from lorsa_hf._sparse import dense_attention_top_k, sparse_attention_top_k, sparse_decode
 from tests.conftest import VOCAB, make_base, make_lorsa
 
 LAYER = 1
@@ -105,12 +104,26 @@ def test_decoder_norms_kept_for_inference_follow_in_place_updates():
     assert torch.equal(selected_sparse.sort(-1).values, selected_dense.sort(-1).values)
 
 
+def _attend_and_select(attend, query, key, value, mask, W_O, uses: str, top_k: int = 5):
+    """z, the kept activations scattered into [N, n_ov], and the gradients of q, k, v for a loss on the kept
+    activations (as in training) or on both them and z (as the auxiliary dead-head loss adds)."""
+    z, values, indices = attend(query, key, value, mask, 0.3, W_O, top_k, "topk_abs")
+    activations = torch.zeros_like(z).scatter(-1, indices, values)
+    weights = torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z)
+    loss = (activations * weights.flip(-1)).sum()
+    if uses == "z_and_values":
+        loss = loss + (z * weights).sum()
+    return (z, activations, *torch.autograd.grad(loss, (query, key, value)))
+
+
+@pytest.mark.parametrize("uses", ["values", "z_and_values"])
 @pytest.mark.parametrize("mask_form", ["none", "padding_2d", "additive_4d"])
-def test_fused_chunked_attention_equals_group_attention(mask_form):
+def test_fused_chunked_attention_equals_the_reference(mask_form, uses):
     """Long keys (S > 2 g) and two d_qk-wide value chunks: the fused kernel path, with every mask form."""
     generator = torch.Generator().manual_seed(0)
     query, key = (torch.randn(2, 3, 40, 8, generator=generator, requires_grad=True) for _ in range(2))
     value = torch.randn(2, 3, 40, 16, generator=generator, requires_grad=True)
+    W_O = torch.randn(48, 8, generator=generator)
     padding = torch.ones(2, 40, dtype=torch.long)
     padding[0, :7] = 0  # left padding: the first query rows of sequence 0 see no key at all
     causal = torch.ones(40, 40, dtype=torch.bool).tril()
@@ -119,11 +132,10 @@ def test_fused_chunked_attention_equals_group_attention(mask_form):
         "padding_2d": padding,
         "additive_4d": torch.zeros(2, 1, 40, 40).masked_fill(~(causal & padding.bool()[:, None, None, :]), -1e30),
     }[mask_form]
-    results = []
-    for attend in (fused_group_attention, group_attention):
-        z = attend(query, key, value, mask, 0.3)
-        gradients = torch.autograd.grad((z * torch.linspace(-1, 1, 16)).sum(), (query, key, value))
-        results.append((z, *gradients))
+    results = [
+        _attend_and_select(attend, query, key, value, mask, W_O, uses)
+        for attend in (sparse_attention_top_k, dense_attention_top_k)
+    ]
     for fused, reference in zip(*results, strict=True):
         torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-4)
 
@@ -151,9 +163,11 @@ def _attention_masks(batch: int, query_length: int, key_length: int) -> dict[str
     [((23, 23), form) for form in ("none", "padding_2d", "additive_4d", "boolean_4d", "bidirectional")]
     + [((9, 23), form) for form in ("padding_2d", "additive_4d", "boolean_4d", "bidirectional")],
 )
-def test_blocked_attention_equals_group_attention(monkeypatch, lengths, mask_form):
-    """Blocks of 4 query rows, each against the keys its mask lets it see: z and the gradients of q, k and v
-    equal the full attention's in float64, for every mask form, with a cached prefix and padded rows."""
+@pytest.mark.parametrize("uses", ["values", "z_and_values"])
+def test_blocked_attention_and_selection_equal_the_reference(monkeypatch, lengths, mask_form, uses):
+    """Blocks of 4 query rows, each against the keys its mask lets it see, with the TopK in the same node: z, the
+    kept activations and the gradients of q, k and v equal the reference's in float64, for every mask form, with
+    a cached prefix and padded rows, whether the loss reads the kept activations only or z too."""
     monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
     query_length, key_length = lengths
     masks = _attention_masks(2, query_length, key_length)
@@ -161,11 +175,11 @@ def test_blocked_attention_equals_group_attention(monkeypatch, lengths, mask_for
     query = torch.randn(2, 3, query_length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     key = torch.randn(2, 3, key_length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
     value = torch.randn(2, 3, key_length, 24, generator=generator, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(2, 3, query_length, 24, generator=generator, dtype=torch.float64)
-    results = []
-    for attend in (fused_group_attention, group_attention):
-        z = attend(query, key, value, masks[mask_form], 0.3)
-        results.append((z, *torch.autograd.grad((z * weights).sum(), (query, key, value))))
+    W_O = torch.randn(72, 16, generator=generator, dtype=torch.float64)
+    results = [
+        _attend_and_select(attend, query, key, value, masks[mask_form], W_O, uses)
+        for attend in (sparse_attention_top_k, dense_attention_top_k)
+    ]
     for blocked, reference in zip(*results, strict=True):
         torch.testing.assert_close(blocked, reference, atol=1e-12, rtol=1e-10)
 
@@ -174,10 +188,13 @@ def test_blocked_attention_skips_the_keys_a_causal_block_cannot_see():
     from lorsa_hf._sparse import _query_blocks
 
     causal = torch.ones(256, 256, dtype=torch.bool).tril()[None, None]
-    assert _query_blocks(causal, 256, 256) == [(0, 64, 64), (64, 128, 128), (128, 192, 192), (192, 256, 256)]
+    # (first row, end row, keys seen, first key column to mask)
+    assert _query_blocks(causal, 256, 256) == [
+        (0, 64, 64, 1), (64, 128, 128, 65), (128, 192, 192, 129), (192, 256, 256, 193)
+    ]
     after_prefix = torch.ones(64, 320, dtype=torch.bool).tril(256)[None, None]
-    assert _query_blocks(after_prefix, 64, 320) == [(0, 64, 320)]
-    assert _query_blocks(None, 1, 300) == [(0, 1, 300)]  # a decode step sees every cached key
+    assert _query_blocks(after_prefix, 64, 320) == [(0, 64, 320, 257)]
+    assert _query_blocks(None, 1, 300) == [(0, 1, 300, 300)]  # a decode step sees every cached key
 
 
 def test_sparse_equals_dense_over_several_attention_blocks(monkeypatch):
