@@ -48,7 +48,10 @@ def project_queries_keys_values(
     batch_size, seq_len, d = hidden_states.shape
     n_qk, _, d_qk = W_Q.shape
     if batch_size * seq_len >= FUSED_PROJECTION_MIN_TOKENS:
-        weight = torch.cat((W_Q, W_K)).permute(1, 0, 2).reshape(d, -1)  # [d, 2 n_qk d_qk], copied in d_qk runs
+        # [d, 2 n_qk d_qk], copied in d_qk-wide runs, after the cast autocast would make (fewer bytes to move)
+        device_type = hidden_states.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else W_Q.dtype
+        weight = torch.cat((W_Q.to(dtype), W_K.to(dtype))).permute(1, 0, 2).reshape(d, -1)
         query_key = torch.addmm(torch.cat((b_Q, b_K)).reshape(-1), hidden_states.reshape(-1, d), weight)
         query_key = query_key.view(batch_size, seq_len, 2 * n_qk, d_qk).transpose(1, 2)
     else:
