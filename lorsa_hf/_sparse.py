@@ -41,9 +41,9 @@ def project_queries_keys_values(
 
     From `FUSED_PROJECTION_MIN_TOKENS` tokens on, Q and K are one matmul with a fused [d, 2 n_qk d_qk] weight
     (rebuilt per call from the stored [n_qk, d, d_qk] layout, so gradients flow and nothing can go stale; the copy
-    moves whole d_qk-wide rows and is small next to the matmul). For fewer tokens (a decode step) the copy would cost more than the
-    matrix-vector product itself, so Q and K are batched over the groups against the stored layout. V is one
-    matmul against its stored [n_ov, d] layout, which already is the one a matmul wants.
+    moves whole d_qk-wide rows and is small next to the matmul). For fewer tokens (a decode step) the copy would
+    cost more than the matrix-vector product itself, so Q and K are batched over the groups against the stored
+    layout. V is one matmul against its stored [n_ov, d] layout, which already is the one a matmul wants.
     """
     batch_size, seq_len, d = hidden_states.shape
     n_qk, _, d_qk = W_Q.shape
@@ -87,6 +87,8 @@ def reference_projections(
 
 
 ATTENTION_BLOCK_ROWS = 64
+# backward takes as many heads at a time as keep a block's temporaries ([heads, rows, max(end, g)]) near this
+BACKWARD_CHUNK_ELEMENTS = 2**16
 
 
 def _query_blocks(mask: torch.Tensor | None, query_length: int, key_length: int) -> list[tuple[int, int, int, int]]:
@@ -186,34 +188,45 @@ class _BlockedSparseAttention(torch.autograd.Function):
         if grad_values is not None and ctx.relu:
             grad_values = grad_values * (values > 0)
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        rows_buffer = torch.zeros(
-            max(stop - start for start, stop, _, _ in blocks), heads * group_size, dtype=value.dtype, device=value.device
+        # a few heads at a time, so that a block's temporaries stay small next to dq, dk and dv
+        chunks = [
+            max(1, BACKWARD_CHUNK_ELEMENTS // ((stop - start) * max(end, group_size))) for start, stop, end, _ in blocks
+        ]
+        buffer = torch.zeros(
+            max(stop - start for start, stop, _, _ in blocks) * min(max(chunks), heads) * group_size,
+            dtype=value.dtype, device=value.device,
         )
         for b in range(batch_size):
             sequence_mask = None if mask is None else mask[b if mask.shape[0] > 1 else 0, 0]
             # the block that sees the most keys first: it writes dk and dv, the others add to them
             for number in reversed(range(len(blocks))):
                 start, stop, end, _ = block = blocks[number]
-                tokens = slice(b * query_length + start, b * query_length + stop)
-                # dz of the block's tokens [rows, n_ov]: the kept activations' gradient at their heads, plus z's own
-                grad_rows = rows_buffer[: stop - start]
-                if grad_z is not None:
-                    grad_rows.copy_(grad_z[tokens])
-                if grad_values is not None:
-                    grad_rows.scatter_add_(-1, indices[tokens], grad_values[tokens].to(value.dtype))
-                grad_block = grad_rows.view(stop - start, heads, group_size).transpose(0, 1)  # dz [H, rows, g]
-                pattern = _block_pattern(query[b], key[b], sequence_mask, block, ctx.scale, ctx.empty_rows)
-                grad_logits = torch.matmul(grad_block, value[b, :, :end].transpose(-1, -2))  # dP [H, rows, end]
-                grad_logits.mul_(pattern)
-                grad_logits.addcmul_(pattern, grad_logits.sum(-1, keepdim=True), value=-1.0)  # softmax backward
-                first = number == len(blocks) - 1
-                _write_or_add(grad_value[b], end, torch.matmul(pattern.transpose(-1, -2), grad_block), first)
-                del pattern
-                grad_query[b, :, start:stop] = torch.matmul(grad_logits, key[b, :, :end]).mul_(ctx.scale)
-                grad_key_block = torch.matmul(grad_logits.transpose(-1, -2), query[b, :, start:stop]).mul_(ctx.scale)
-                _write_or_add(grad_key[b], end, grad_key_block, first)
-                if grad_z is None:
-                    grad_rows.scatter_(-1, indices[tokens], 0.0)  # zeros again for the next block, K per token
+                first, tokens = number == len(blocks) - 1, slice(b * query_length + start, b * query_length + stop)
+                for group in (slice(h, min(h + chunks[number], heads)) for h in range(0, heads, chunks[number])):
+                    q, k, v = query[b, group], key[b, group], value[b, group]
+                    # dz [h, rows, g]: the kept activations' gradient at their heads, plus z's own when z was used
+                    columns = slice(group.start * group_size, group.stop * group_size)
+                    grad_rows = buffer[: (stop - start) * (columns.stop - columns.start)].view(stop - start, -1)
+                    if grad_z is not None:
+                        grad_rows.copy_(grad_z[tokens, columns])
+                    if grad_values is not None:
+                        heads_here = indices[tokens] - columns.start
+                        inside = (heads_here >= 0) & (heads_here < grad_rows.shape[1])
+                        heads_here = heads_here.clamp_(0, grad_rows.shape[1] - 1)
+                        grad_rows.scatter_add_(-1, heads_here, grad_values[tokens].to(value.dtype) * inside)
+                    grad_block = grad_rows.view(stop - start, -1, group_size).transpose(0, 1)
+
+                    pattern = _block_pattern(q, k, sequence_mask, block, ctx.scale, ctx.empty_rows)
+                    grad_logits = torch.matmul(grad_block, v[:, :end].transpose(-1, -2))  # dP [h, rows, end]
+                    grad_logits.mul_(pattern)
+                    grad_logits.addcmul_(pattern, grad_logits.sum(-1, keepdim=True), value=-1.0)  # softmax backward
+                    _write_or_add(grad_value[b, group], end, torch.matmul(pattern.transpose(-1, -2), grad_block), first)
+                    del pattern
+                    grad_query[b, group, start:stop] = torch.matmul(grad_logits, k[:, :end]).mul_(ctx.scale)
+                    grad_key_block = torch.matmul(grad_logits.transpose(-1, -2), q[:, start:stop]).mul_(ctx.scale)
+                    _write_or_add(grad_key[b, group], end, grad_key_block, first)
+                    if grad_z is None and grad_values is not None:
+                        grad_rows.scatter_(-1, heads_here, 0.0)  # zeros again for the next use, K per token
         return grad_query, grad_key, grad_value, None, None, None, None, None
 
 

@@ -165,10 +165,12 @@ def _attention_masks(batch: int, query_length: int, key_length: int) -> dict[str
 )
 @pytest.mark.parametrize("uses", ["values", "z_and_values"])
 def test_blocked_attention_and_selection_equal_the_reference(monkeypatch, lengths, mask_form, uses):
-    """Blocks of 4 query rows, each against the keys its mask lets it see, with the TopK in the same node: z, the
-    kept activations and the gradients of q, k and v equal the reference's in float64, for every mask form, with
-    a cached prefix and padded rows, whether the loss reads the kept activations only or z too."""
+    """Blocks of 4 query rows, each against the keys its mask lets it see, with the TopK in the same node and a
+    backward over one or two heads at a time: z, the kept activations and the gradients of q, k and v equal the
+    reference's in float64, for every mask form, with a cached prefix and padded rows, whether the loss reads the
+    kept activations only or z too."""
     monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
+    monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_CHUNK_ELEMENTS", 4 * 24)  # backward: one or two heads at a time
     query_length, key_length = lengths
     masks = _attention_masks(2, query_length, key_length)
     generator = torch.Generator().manual_seed(0)
@@ -199,9 +201,40 @@ def test_blocked_attention_skips_the_keys_a_causal_block_cannot_see():
 
 def test_sparse_equals_dense_over_several_attention_blocks(monkeypatch):
     monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
+    monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_CHUNK_ELEMENTS", 4 * 32 * 3)
     sparse, dense = lorsa_pair("topk_abs")
     x = torch.randn(2, 14, 64, generator=torch.Generator().manual_seed(0))
     assert_same_path_results(sparse, dense, x)
+
+
+def _saved_for_backward(lorsa, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the floating-point tensors a training forward keeps for backward, other than parameters and the
+    input."""
+    shapes, excluded = [], {p.data_ptr() for p in lorsa.parameters()} | {x.data_ptr()}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in excluded and tensor.is_floating_point():
+            shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        lorsa(x, output_activations=False)
+    return shapes
+
+
+def test_training_forward_keeps_no_attention_pattern_and_no_activations_of_every_head(monkeypatch):
+    """The sparse path keeps q, k, v and the [N, K] selection; the dense one also the [T, S] softmax pattern and
+    [N, n_ov] activations."""
+    monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
+    sparse, dense = lorsa_pair("topk_abs", n_ov_heads=512)
+    x = torch.randn(2, 20, 64)
+    tokens, n_ov = 2 * 20, 512
+
+    def kept(shapes):
+        return {"pattern": any(shape[-2:] == (20, 20) for shape in shapes), "activations": (tokens, n_ov) in shapes}
+
+    assert kept(_saved_for_backward(sparse, x)) == {"pattern": False, "activations": False}
+    assert kept(_saved_for_backward(dense, x)) == {"pattern": True, "activations": True}
 
 
 def test_sparse_equals_dense_with_the_fused_attention():
