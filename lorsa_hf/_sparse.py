@@ -190,10 +190,11 @@ class _BlockedSparseAttention(torch.autograd.Function):
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
         # a few heads at a time, so that a block's temporaries stay small next to dq, dk and dv
         chunks = [
-            max(1, BACKWARD_CHUNK_ELEMENTS // ((stop - start) * max(end, group_size))) for start, stop, end, _ in blocks
+            min(heads, max(1, BACKWARD_CHUNK_ELEMENTS // ((stop - start) * max(end, group_size))))
+            for start, stop, end, _ in blocks
         ]
-        buffer = torch.zeros(
-            max(stop - start for start, stop, _, _ in blocks) * min(max(chunks), heads) * group_size,
+        buffer = torch.empty(
+            max((stop - start) * chunk for (start, stop, _, _), chunk in zip(blocks, chunks, strict=True)) * group_size,
             dtype=value.dtype, device=value.device,
         )
         for b in range(batch_size):
@@ -202,19 +203,24 @@ class _BlockedSparseAttention(torch.autograd.Function):
             for number in reversed(range(len(blocks))):
                 start, stop, end, _ = block = blocks[number]
                 first, tokens = number == len(blocks) - 1, slice(b * query_length + start, b * query_length + stop)
-                for group in (slice(h, min(h + chunks[number], heads)) for h in range(0, heads, chunks[number])):
+                width = chunks[number] * group_size  # dz columns of one chunk of heads
+                if grad_values is not None:  # each kept activation's chunk and column within it
+                    chunk_of, column = indices[tokens].div(width, rounding_mode="floor"), indices[tokens] % width
+                    kept_gradient = grad_values[tokens].to(value.dtype)
+                for number_in_block, h in enumerate(range(0, heads, chunks[number])):
+                    group = slice(h, min(h + chunks[number], heads))
                     q, k, v = query[b, group], key[b, group], value[b, group]
                     # dz [h, rows, g]: the kept activations' gradient at their heads, plus z's own when z was used
-                    columns = slice(group.start * group_size, group.stop * group_size)
-                    grad_rows = buffer[: (stop - start) * (columns.stop - columns.start)].view(stop - start, -1)
+                    grad_rows = buffer[: (stop - start) * width].view(stop - start, width)
+                    columns = slice(h * group_size, group.stop * group_size)
                     if grad_z is not None:
-                        grad_rows.copy_(grad_z[tokens, columns])
+                        grad_rows[:, : columns.stop - columns.start] = grad_z[tokens, columns]
+                    else:
+                        grad_rows.zero_()
                     if grad_values is not None:
-                        heads_here = indices[tokens] - columns.start
-                        inside = (heads_here >= 0) & (heads_here < grad_rows.shape[1])
-                        heads_here = heads_here.clamp_(0, grad_rows.shape[1] - 1)
-                        grad_rows.scatter_add_(-1, heads_here, grad_values[tokens].to(value.dtype) * inside)
-                    grad_block = grad_rows.view(stop - start, -1, group_size).transpose(0, 1)
+                        grad_rows.scatter_add_(-1, column, torch.where(chunk_of == number_in_block, kept_gradient, 0.0))
+                    grad_block = grad_rows[:, : columns.stop - columns.start].view(stop - start, -1, group_size)
+                    grad_block = grad_block.transpose(0, 1)
 
                     pattern = _block_pattern(q, k, sequence_mask, block, ctx.scale, ctx.empty_rows)
                     grad_logits = torch.matmul(grad_block, v[:, :end].transpose(-1, -2))  # dP [h, rows, end]
@@ -225,8 +231,6 @@ class _BlockedSparseAttention(torch.autograd.Function):
                     grad_query[b, group, start:stop] = torch.matmul(grad_logits, k[:, :end]).mul_(ctx.scale)
                     grad_key_block = torch.matmul(grad_logits.transpose(-1, -2), q[:, start:stop]).mul_(ctx.scale)
                     _write_or_add(grad_key[b, group], end, grad_key_block, first)
-                    if grad_z is None and grad_values is not None:
-                        grad_rows.scatter_(-1, heads_here, 0.0)  # zeros again for the next use, K per token
         return grad_query, grad_key, grad_value, None, None, None, None, None
 
 

@@ -54,9 +54,9 @@ class LorsaConfig(PreTrainedConfig):
             (LORSA.md section 1b); `"dense"`: the reference formulation, a dense decode over all `n_ov` heads and
             a backward through all of them. Both give the same outputs and gradients.
         cache_format: What a transformers `Cache` holds per token besides the keys during generation:
-            `"values"` (default): the `n_ov` head values, as the base model's attention caches its values;
-            `"inputs"`: the layer's input (`d` numbers), from which a decode step recomputes the values exactly;
-            `"auto"`: whichever of the two is smaller (`"inputs"` whenever `n_ov_heads > hidden_size`).
+            `"auto"` (default): whichever of the two below is smaller (`"inputs"` whenever `n_ov_heads > hidden_size`);
+            `"values"`: the `n_ov` head values, as the base model's attention caches its values;
+            `"inputs"`: the layer's input (`d` numbers), from which a decode step recomputes the values exactly.
     """
 
     model_type = "lorsa"
@@ -84,7 +84,7 @@ class LorsaConfig(PreTrainedConfig):
     qk_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     implementation: str = "sparse"
-    cache_format: str = "values"
+    cache_format: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.layers is None:
