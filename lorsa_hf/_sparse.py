@@ -21,6 +21,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._attention import boolean_attention_mask, group_attention
 
@@ -181,6 +182,7 @@ class _BlockedSparseAttention(torch.autograd.Function):
         return z.view(-1, n_ov), values.view(-1, top_k), indices.view(-1, top_k)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None, grad_indices: None):
         query, key, value, mask, values, indices = ctx.saved_tensors
         batch_size, heads, query_length, _ = query.shape
@@ -442,6 +444,7 @@ class _SparseTopKDecode(torch.autograd.Function):
         return sparse_decode(values, indices, W_O)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         values, indices, W_O = ctx.saved_tensors
         grad_values = grad_W_O = None

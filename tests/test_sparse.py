@@ -39,12 +39,15 @@ def lorsa_pair(activation: str, ties: bool = False, device: str = "cpu", **overr
 
 
 def run_with_gradients(lorsa, x: torch.Tensor, grad: torch.Tensor, top_k: int | None = None):
-    """Forward with activations, a loss on the output and on the kept activations, and every gradient."""
+    """Forward with activations, a loss on the output and on the kept activations, and every gradient: of each
+    parameter and of the input (as attribution through a spliced model needs)."""
     lorsa.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
     out = lorsa(x, top_k=top_k)
     loss = (out.hidden_states * grad).sum() + 0.1 * out.top_k_values.abs().sum()
     loss.backward()
     gradients = {name: p.grad.clone() for name, p in lorsa.named_parameters()}
+    gradients["input"] = x.grad
     return out, gradients
 
 
