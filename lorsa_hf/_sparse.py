@@ -148,10 +148,11 @@ class _BlockedSparseAttention(torch.autograd.Function):
 
     Forward runs blocks of query rows against only the keys their mask lets them see (`_query_blocks`) and
     selects each block's TopK as soon as its z is known. Kept for backward: q, k, v and the [N, K] selection;
-    no [T, S] pattern (backward recomputes each block's, one block at a time) and nothing of size N x n_ov.
-    Backward builds each block's dz from the gradient of the K kept activations per token (plus that of z, when
-    z itself was used), and uses that a softmax row's gradient is P * (dP - sum(dP * P)), in place. Query rows
-    that may see no key at all (padding) give zeros, as `group_attention` does."""
+    no [T, S] pattern and nothing of size N x n_ov. Backward goes block by block and, within a block, a few
+    heads at a time (`BACKWARD_CHUNK_ELEMENTS`), so that its temporaries stay small next to dq, dk and dv: it
+    recomputes the chunk's pattern, builds its dz from the gradient of the K kept activations per token (plus
+    that of z, when z itself was used), and uses that a softmax row's gradient is P * (dP - sum(dP * P)), in
+    place. Query rows that may see no key at all (padding) give zeros, as `group_attention` does."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scale: float, norms, top_k: int, activation: str):
