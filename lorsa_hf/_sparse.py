@@ -90,7 +90,7 @@ def reference_projections(
 
 ATTENTION_BLOCK_ROWS = 64
 # backward takes as many heads at a time as keep a block's temporaries ([heads, rows, max(end, g)]) near this
-BACKWARD_CHUNK_ELEMENTS = 2**16
+BACKWARD_CHUNK_ELEMENTS = 2**17
 
 
 def _query_blocks(mask: torch.Tensor | None, query_length: int, key_length: int) -> list[tuple[int, int, int, int]]:
@@ -131,14 +131,22 @@ def _block_pattern(
     return pattern
 
 
-def _write_or_add(target: torch.Tensor, end: int, block: torch.Tensor, first: bool) -> None:
-    """target[:, :end] = block, and zeros after `end` (first block) or target[:, :end] += block (later blocks):
-    dk and dv [H, S, *] are accumulated over blocks of query rows without a zero fill."""
-    if first:
-        target[:, :end] = block
-        target[:, end:] = 0.0
-    else:
-        target[:, :end] += block
+def _write_or_add_product(
+    target: torch.Tensor, end: int, left: torch.Tensor, right: torch.Tensor, first: bool, scale: float = 1.0
+) -> None:
+    """target[:, :end] = scale * left @ right, zeros after `end` (first block), or += (later blocks): dk and dv
+    [H, S, *] are accumulated over blocks of query rows in place, without a zero fill or a temporary product
+    when the first block covers every key."""
+    if first and end == target.shape[1] and target.is_contiguous():
+        torch.matmul(left, right, out=target)
+        if scale != 1.0:
+            target.mul_(scale)
+        return
+    if not first:
+        target[:, :end].baddbmm_(left, right, alpha=scale)
+        return
+    target[:, :end] = torch.matmul(left, right).mul_(scale)
+    target[:, end:] = 0.0
 
 
 class _BlockedSparseAttention(torch.autograd.Function):
@@ -191,7 +199,9 @@ class _BlockedSparseAttention(torch.autograd.Function):
         values, indices = values.view(-1, values.shape[-1]), indices.view(-1, indices.shape[-1])
         if grad_values is not None and ctx.relu:
             grad_values = grad_values * (values > 0)
-        grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        # dv in v's own [B, H, S, g] order, whatever v's memory layout: each chunk's first product lands in place
+        grad_query, grad_key = torch.empty_like(query), torch.empty_like(key)
+        grad_value = torch.empty(value.shape, dtype=value.dtype, device=value.device)
         # a few heads at a time, so that a block's temporaries stay small next to dq, dk and dv
         chunks = [
             min(heads, max(1, BACKWARD_CHUNK_ELEMENTS // ((stop - start) * max(end, group_size))))
@@ -230,11 +240,12 @@ class _BlockedSparseAttention(torch.autograd.Function):
                     grad_logits = torch.matmul(grad_block, v[:, :end].transpose(-1, -2))  # dP [h, rows, end]
                     grad_logits.mul_(pattern)
                     grad_logits.addcmul_(pattern, grad_logits.sum(-1, keepdim=True), value=-1.0)  # softmax backward
-                    _write_or_add(grad_value[b, group], end, torch.matmul(pattern.transpose(-1, -2), grad_block), first)
+                    _write_or_add_product(grad_value[b, group], end, pattern.transpose(-1, -2), grad_block, first)
                     del pattern
                     grad_query[b, group, start:stop] = torch.matmul(grad_logits, k[:, :end]).mul_(ctx.scale)
-                    grad_key_block = torch.matmul(grad_logits.transpose(-1, -2), q[:, start:stop]).mul_(ctx.scale)
-                    _write_or_add(grad_key[b, group], end, grad_key_block, first)
+                    _write_or_add_product(
+                        grad_key[b, group], end, grad_logits.transpose(-1, -2), q[:, start:stop], first, ctx.scale
+                    )
         return grad_query, grad_key, grad_value, None, None, None, None, None
 
 
