@@ -207,7 +207,8 @@ class _BlockedSparseAttention(torch.autograd.Function):
             min(heads, max(1, BACKWARD_CHUNK_ELEMENTS // ((stop - start) * max(end, group_size))))
             for start, stop, end, _ in blocks
         ]
-        buffer = torch.empty(
+        # dz of one chunk of heads for one block; without z's own gradient it holds zeros between uses
+        buffer = (torch.empty if grad_z is not None else torch.zeros)(
             max((stop - start) * chunk for (start, stop, _, _), chunk in zip(blocks, chunks, strict=True)) * group_size,
             dtype=value.dtype, device=value.device,
         )
@@ -229,8 +230,6 @@ class _BlockedSparseAttention(torch.autograd.Function):
                     columns = slice(h * group_size, group.stop * group_size)
                     if grad_z is not None:
                         grad_rows[:, : columns.stop - columns.start] = grad_z[tokens, columns]
-                    else:
-                        grad_rows.zero_()
                     if grad_values is not None:
                         grad_rows.scatter_add_(-1, column, torch.where(chunk_of == number_in_block, kept_gradient, 0.0))
                     grad_block = grad_rows[:, : columns.stop - columns.start].view(stop - start, -1, group_size)
@@ -246,6 +245,8 @@ class _BlockedSparseAttention(torch.autograd.Function):
                     _write_or_add_product(
                         grad_key[b, group], end, grad_logits.transpose(-1, -2), q[:, start:stop], first, ctx.scale
                     )
+                    if grad_z is None and grad_values is not None:
+                        grad_rows.scatter_(-1, column, 0.0)  # zeros again where this use wrote, K per token
         return grad_query, grad_key, grad_value, None, None, None, None, None
 
 
