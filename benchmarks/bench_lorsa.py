@@ -68,7 +68,6 @@ CASES = {
 }
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
-ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax", "aten::_softmax_backward_data")
 
 
 def base_config(case: Case, layers: int):

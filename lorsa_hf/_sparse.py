@@ -28,6 +28,11 @@ from ._attention import boolean_attention_mask, group_attention
 FUSED_PROJECTION_MIN_TOKENS = 64
 
 
+def _autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast gives matmuls on this device type, or `default` outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
 def project_queries_keys_values(
     hidden_states: torch.Tensor,
     W_Q: torch.Tensor,
@@ -51,8 +56,7 @@ def project_queries_keys_values(
     n_qk, _, d_qk = W_Q.shape
     if batch_size * seq_len >= FUSED_PROJECTION_MIN_TOKENS:
         # [d, 2 n_qk d_qk], copied in d_qk-wide runs, after the cast autocast would make (fewer bytes to move)
-        device_type = hidden_states.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else W_Q.dtype
+        dtype = _autocast_dtype(hidden_states.device.type, W_Q.dtype)
         weight = torch.cat((W_Q.to(dtype), W_K.to(dtype))).permute(1, 0, 2).reshape(d, -1)
         query_key = torch.addmm(torch.cat((b_Q, b_K)).reshape(-1), hidden_states.reshape(-1, d), weight)
         query_key = query_key.view(batch_size, seq_len, 2 * n_qk, d_qk).transpose(1, 2)
@@ -112,6 +116,11 @@ def _query_blocks(mask: torch.Tensor | None, query_length: int, key_length: int)
         end = int(visible[-1]) + 1 if len(visible) else 1
         blocks.append((start, stop, end, min(int(masked[0]), end) if len(masked) else end))
     return blocks
+
+
+def _sequence_mask(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """Sequence b's [T, S] slice of a boolean mask [B or 1, 1, T, S] (None stays None)."""
+    return None if mask is None else mask[b if mask.shape[0] > 1 else 0, 0]
 
 
 def _block_pattern(
@@ -175,7 +184,7 @@ class _BlockedSparseAttention(torch.autograd.Function):
         values = torch.empty(batch_size, query_length, top_k, dtype=value.dtype, device=value.device)
         indices = torch.empty(batch_size, query_length, top_k, dtype=torch.long, device=value.device)
         for b in range(batch_size):
-            sequence_mask = None if mask is None else mask[b if mask.shape[0] > 1 else 0, 0]  # [T, S]
+            sequence_mask = _sequence_mask(mask, b)
             for block in blocks:
                 start, stop, end, _ = block
                 pattern = _block_pattern(query[b], key[b], sequence_mask, block, scale, empty_rows)
@@ -213,7 +222,7 @@ class _BlockedSparseAttention(torch.autograd.Function):
             dtype=value.dtype, device=value.device,
         )
         for b in range(batch_size):
-            sequence_mask = None if mask is None else mask[b if mask.shape[0] > 1 else 0, 0]
+            sequence_mask = _sequence_mask(mask, b)
             # the block that sees the most keys first: it writes dk and dv, the others add to them
             for number in reversed(range(len(blocks))):
                 start, stop, end, _ = block = blocks[number]
@@ -250,12 +259,14 @@ class _BlockedSparseAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None, None, None, None, None
 
 
-def select_activations(
+def select_from_groups(
     z: torch.Tensor, norms: torch.Tensor, top_k: int, activation: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """z [N, n_ov] -> the kept activations [N, K] (differentiable, through a gather) and their heads [N, K]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z per QK group [B, n_qk, T, g] -> (z [N, n_ov] with head i = group * g + j, the kept activations [N, K],
+    differentiable through a gather, and their heads [N, K])."""
+    z = z.transpose(1, 2).reshape(-1, norms.shape[0])
     indices = select_top_k(z, norms, top_k, activation)
-    return kept_activations(z, indices, activation), indices
+    return z, kept_activations(z, indices, activation), indices
 
 
 def dense_attention_top_k(
@@ -267,8 +278,7 @@ def dense_attention_top_k(
     q [B, n_qk, T, d_qk], k [B, n_qk, S, d_qk], v [B, n_qk, S, g] -> (z [N, n_ov], kept values [N, K], heads [N, K]).
     """
     z = group_attention(query, key, value, attention_mask, scale)
-    z = z.transpose(1, 2).reshape(-1, W_O.shape[0])
-    return (z, *select_activations(z, W_O.detach().norm(dim=-1), top_k, activation))
+    return select_from_groups(z, W_O.detach().norm(dim=-1), top_k, activation)
 
 
 def sparse_attention_top_k(
@@ -291,27 +301,22 @@ def sparse_attention_top_k(
     batch_size, n_qk, query_length, d_qk = query.shape
     key_length, group_size = key.shape[-2], value.shape[-1]
     norms = decoder_norms(W_O)
-    mask = boolean_attention_mask(attention_mask, batch_size, query_length, key_length, query.device)
-    chunks = group_size // d_qk
-    if group_size % d_qk == 0 and chunks <= 2 and key_length > 2 * group_size:
-        causal = attention_mask is None and query_length == key_length
+    flash = group_size % d_qk == 0 and group_size // d_qk <= 2 and key_length > 2 * group_size
+    causal = attention_mask is None and query_length == key_length
+    mask = None
+    if not (flash and causal):  # the flash kernel's own causal flag needs no mask
+        mask = boolean_attention_mask(attention_mask, batch_size, query_length, key_length, query.device)
+    if flash:
         z = torch.cat([
-            F.scaled_dot_product_attention(
-                query, key, chunk, attn_mask=None if causal else mask, is_causal=causal, scale=scale
-            )
+            F.scaled_dot_product_attention(query, key, chunk, attn_mask=mask, is_causal=causal, scale=scale)
             for chunk in value.split(d_qk, dim=-1)  # [B, n_qk, S, d_qk] views of v
         ], dim=-1)
-        z = z.transpose(1, 2).reshape(-1, W_O.shape[0])
-        return (z, *select_activations(z, norms, top_k, activation))
+        return select_from_groups(z, norms, top_k, activation)
     if mask is not None and mask.shape[1] != 1:  # a per-head mask (none of transformers' forms)
-        z = group_attention(query, key, value, mask, scale).transpose(1, 2).reshape(-1, W_O.shape[0])
-        return (z, *select_activations(z, norms, top_k, activation))
+        return select_from_groups(group_attention(query, key, value, mask, scale), norms, top_k, activation)
     # one dtype for all three, as autocast would give the matmuls (q and k leave the rotary in float32)
     device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    dtype = _autocast_dtype(device_type, torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
     with torch.autocast(device_type, enabled=False):
         return _BlockedSparseAttention.apply(
             query.to(dtype), key.to(dtype), value.to(dtype), mask, scale, norms, top_k, activation

@@ -23,7 +23,7 @@ from ._sparse import (
     input_form_attention,
     project_queries_keys_values,
     reference_projections,
-    select_activations,
+    select_from_groups,
     sparse_attention_top_k,
     sparse_top_k_decode,
 )
@@ -155,8 +155,7 @@ class LorsaLayer(nn.Module):
         scale = 1.0 / config.attn_scale
         if input_form:
             z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
-            z = z.transpose(1, 2).reshape(batch_size * seq_len, config.n_ov_heads)
-            top_k_values, top_k_indices = select_activations(z, decoder_norms(self.W_O), top_k, config.activation)
+            z, top_k_values, top_k_indices = select_from_groups(z, decoder_norms(self.W_O), top_k, config.activation)
         else:
             z, top_k_values, top_k_indices = attend_and_select(
                 query, key, value, attention_mask, scale, self.W_O, top_k, config.activation
