@@ -127,13 +127,12 @@ class LorsaLayer(nn.Module):
         attend_and_select = dense_attention_top_k if dense else sparse_attention_top_k
         top_k_decode = dense_top_k_decode if dense else sparse_top_k_decode
 
-        # Projections: q and k stacked [B, 2 n_qk, T, d_qk] (norm and rotary run once on both); v [B, n_qk, T, g]
-        # (the g scalar values of each group's heads)
-        query_key, value = project(
+        # Projections: q and k [B, n_qk, T, d_qk]; v [B, n_qk, T, g] (the g scalar values of each group's heads)
+        query, key, value = project(
             hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K, self.W_V, self.b_V, with_values=not input_form
         )
         if config.use_qk_norm:
-            query_key = self._qk_norm(query_key, torch.cat((self.q_norm_weight, self.k_norm_weight)))
+            query, key = self._qk_norm(query, self.q_norm_weight), self._qk_norm(key, self.k_norm_weight)
 
         if config.rotary_dim > 0:
             if position_embeddings is None:
@@ -141,8 +140,8 @@ class LorsaLayer(nn.Module):
                     position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
                 position_embeddings = self.rotary_emb(hidden_states, position_ids)
             cos, sin = position_embeddings
-            query_key = apply_rotary(query_key, cos, sin, config.rotary_adjacent_pairs)
-        query, key = query_key.chunk(2, dim=1)
+            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs)
+            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs)
 
         if cache is not None and config.cached_inputs:
             key, inputs = cache.update(key, self._cacheable_inputs(hidden_states), self.layer_idx)

@@ -16,7 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 from lorsa_hf import LorsaConfig
-from lorsa_hf._sparse import dense_attention_top_k, sparse_attention_top_k, sparse_decode
+from lorsa_hf._sparse import (
+    dense_attention_top_k,
+    project_queries_keys_values,
+    reference_projections,
+    sparse_attention_top_k,
+    sparse_decode,
+)
 from tests.conftest import VOCAB, make_base, make_lorsa
 
 LAYER = 1
@@ -375,6 +381,26 @@ def test_bfloat16_autocast_is_close_to_float32_and_trains():
     out.hidden_states.float().pow(2).mean().backward()
     for name, parameter in sparse.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_projections_equal_the_reference_einsums(dtype):
+    """float32/64 takes batched matmuls over the groups, reduced precision one matmul with a fused weight."""
+    generator = torch.Generator().manual_seed(0)
+    n_qk, d, d_qk, n_ov = 3, 16, 4, 12
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    weights = (tensor(n_qk, d, d_qk), tensor(n_qk, d_qk), tensor(n_qk, d, d_qk), tensor(n_qk, d_qk))
+    weights += (tensor(n_ov, d), tensor(n_ov))
+    x = tensor(2, 5, d)
+    expected = reference_projections(x.double(), *(weight.double() for weight in weights))
+    actual = project_queries_keys_values(x, *weights)
+    tolerance = {"rtol": 0, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-2, "atol": 5e-2}
+    for result, reference in zip(actual, expected, strict=True):
+        assert result.dtype == dtype and result.shape == reference.shape
+        torch.testing.assert_close(result.double(), reference, **tolerance)
 
 
 def test_bfloat16_weights_without_autocast():
