@@ -5,11 +5,12 @@ Both paths compute the same function and share the TopK selection rule; they dif
 - dense (the formulation of the reference implementations): einsum projections, the unfused attention with its
   [T, S] pattern, the activations scattered into a [N, n_ov] tensor and decoded with a dense matmul against all
   of W_O; autograd then differentiates through every head.
-- sparse: Q/K projections batched over the QK groups against the stored weights; the attention in blocks of query rows that skip the keys a causal mask hides,
-  with the TopK selection in the same autograd node (`_BlockedSparseAttention`), so that its backward sends
-  gradient to z only at the kept entries and keeps no softmax pattern and nothing of size N x n_ov; a decode that
-  reads only the K selected rows of W_O per token (`embedding_bag` with per-sample weights, or a Triton kernel on
-  CUDA), whose backward reaches W_O only in those rows (`_SparseTopKDecode`).
+- sparse: Q/K projections batched over the QK groups against the stored weights; the attention in blocks of
+  query rows that skip the keys a causal mask hides, with the TopK selection in the same autograd node
+  (`_BlockedSparseAttention`), so that its backward sends gradient to z only at the kept entries and keeps no
+  softmax pattern and nothing of size N x n_ov; a decode that reads only the K selected rows of W_O per token
+  (`embedding_bag` with per-sample weights, or a Triton kernel on CUDA), whose backward reaches W_O only in
+  those rows (`_SparseTopKDecode`).
 
 For generation, `input_form_attention` computes z from a cache that holds the layer's input x instead of the
 n_ov values per token (the softmax rows sum to one, so attending over x and projecting afterwards is exact).
