@@ -438,8 +438,7 @@ def _selected_rows_gradient(
     that selected head i. That is itself an `embedding_bag`, with one bag per head over the token rows."""
     num_tokens, top_k = indices.shape
     flat = indices.reshape(-1)
-    # sorting the head indices as floats (exact below 2**24 heads) is over 50x faster on CPU than as int64 here
-    order = torch.argsort(flat.to(torch.float32 if n_ov <= 2**24 else torch.float64))
+    order = torch.argsort(flat, stable=True)  # a radix sort for integers on CPU: 8x faster than as floats here
     offsets = torch.zeros(n_ov, dtype=torch.long, device=flat.device)
     offsets[1:] = torch.bincount(flat, minlength=n_ov).cumsum(0)[:-1]
     tokens = torch.div(order, top_k, rounding_mode="floor")
