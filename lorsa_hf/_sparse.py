@@ -26,6 +26,8 @@ from torch.autograd.function import once_differentiable
 
 from ._attention import boolean_attention_mask, group_attention
 
+FUSED_PROJECTION_MIN_TOKENS = 64
+
 
 def _autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     """The dtype autocast gives matmuls on this device type, or `default` outside autocast."""
@@ -45,17 +47,18 @@ def project_queries_keys_values(
     """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads;
     None without `with_values`, for a step whose z comes from cached inputs).
 
-    In float32/64, Q and K are batched matmuls over the QK groups against the stored [n_qk, d, d_qk] layout: no
-    copy of the weights, forward or backward, and their gradients land in the stored layout (forward plus
-    backward on 2 CPU cores: 10% faster than one matmul against a fused copy at Pythia-160M size, 2.4x at
-    Llama-3.1-8B size). In reduced precision the weights are cast anyway (autocast) and the cast writes them as
-    one fused [d, 2 n_qk d_qk] matrix for a single matmul: there, batched matmuls over a shared x copy it once
-    per group. V is one matmul against its stored [n_ov, d] layout, which already is the one a matmul wants.
+    Q and K are batched matmuls over the QK groups against the stored [n_qk, d, d_qk] layout: no copy of the
+    weights, forward or backward, and their gradients land in the stored layout (forward plus backward on 2 CPU
+    cores: 10% faster than one matmul against a fused copy at Pythia-160M size, 2.4x at Llama-3.1-8B size).
+    The exception is reduced precision from `FUSED_PROJECTION_MIN_TOKENS` tokens on: there, batched matmuls
+    copy the shared x once per group, while the weights' cast (autocast) can write them as one fused
+    [d, 2 n_qk d_qk] matrix for a single matmul. V is one matmul against its stored [n_ov, d] layout, which
+    already is the one a matmul wants.
     """
     batch_size, seq_len, d = hidden_states.shape
     n_qk = W_Q.shape[0]
     dtype = _autocast_dtype(hidden_states.device.type, W_Q.dtype)
-    if dtype in (torch.float32, torch.float64):
+    if dtype in (torch.float32, torch.float64) or batch_size * seq_len < FUSED_PROJECTION_MIN_TOKENS:
         tokens = hidden_states.reshape(1, batch_size * seq_len, d).expand(n_qk, -1, -1)
         query = torch.baddbmm(b_Q[:, None, :], tokens, W_Q).view(n_qk, batch_size, seq_len, -1).transpose(0, 1)
         key = torch.baddbmm(b_K[:, None, :], tokens, W_K).view(n_qk, batch_size, seq_len, -1).transpose(0, 1)

@@ -384,8 +384,10 @@ def test_bfloat16_autocast_is_close_to_float32_and_trains():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_projections_equal_the_reference_einsums(dtype):
-    """float32/64 takes batched matmuls over the groups, reduced precision one matmul with a fused weight."""
+@pytest.mark.parametrize("seq_len", [5, 40])
+def test_projections_equal_the_reference_einsums(dtype, seq_len):
+    """float32/64 and few tokens take batched matmuls over the groups, reduced precision with many tokens one
+    matmul with a fused weight."""
     generator = torch.Generator().manual_seed(0)
     n_qk, d, d_qk, n_ov = 3, 16, 4, 12
 
@@ -394,7 +396,7 @@ def test_projections_equal_the_reference_einsums(dtype):
 
     weights = (tensor(n_qk, d, d_qk), tensor(n_qk, d_qk), tensor(n_qk, d, d_qk), tensor(n_qk, d_qk))
     weights += (tensor(n_ov, d), tensor(n_ov))
-    x = tensor(2, 5, d)
+    x = tensor(2, seq_len, d)
     expected = reference_projections(x.double(), *(weight.double() for weight in weights))
     actual = project_queries_keys_values(x, *weights)
     tolerance = {"rtol": 0, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-2, "atol": 5e-2}
