@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import statistics
 import sys
@@ -68,6 +69,9 @@ CASES = {
 }
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
+# in-place matmuls: the profiler gives them no FLOPs, so they are counted from their shapes
+IN_PLACE_MATMUL_OPS = ("aten::addmm_", "aten::baddbmm_")
+IN_PLACE_OPS = (torch.ops.aten.addmm_, torch.ops.aten.baddbmm_)
 
 
 def base_config(case: Case, layers: int):
@@ -129,7 +133,12 @@ def peak_bytes(function: Callable[[], object]) -> int:
 
 
 def count_flops(function: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """Matmul FLOPs of one call, the in-place matmuls included (FlopCounterMode has no formula for them)."""
+
+    def in_place(*shapes: list[int], out_shape: object = None, **kwargs: object) -> int:
+        return _in_place_matmul_flops(list(shapes))
+
+    with FlopCounterMode(display=False, custom_mapping=dict.fromkeys(IN_PLACE_OPS, in_place)) as counter:
         function()
     return counter.get_total_flops()
 
@@ -141,14 +150,30 @@ def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float
     return 2 * size**3 / statistics.median(times)
 
 
+def _in_place_matmul_flops(shapes: list[list[int]]) -> int:
+    """2 m k n (times the batch) from the shapes of addmm_(self [m, n], a [m, k], b [k, n]) or baddbmm_."""
+    *batch, rows, inner = shapes[1]
+    return 2 * math.prod(batch) * rows * inner * shapes[2][-1]
+
+
 def dense_part_profile(function: Callable[[], object]) -> tuple[float, float, float, list[tuple[str, float]]]:
-    """Profile one call: (matmul FLOPs, seconds in matmuls, total seconds, top ops by self time)."""
+    """Profile one call: (matmul FLOPs, seconds in matmuls, total seconds, top ops by self time). Matmuls are the
+    plain and batched ones and the in-place ones (an in-place matmul inside another is counted once)."""
     function()
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         function()
+    flops, seconds = 0, 0.0
+    for event in prof.events():
+        if event.name in MATMUL_OPS:
+            flops += event.flops
+        elif event.name in IN_PLACE_MATMUL_OPS:
+            parent = event.cpu_parent
+            if parent is None or parent.name not in IN_PLACE_MATMUL_OPS + MATMUL_OPS:
+                flops += _in_place_matmul_flops(event.input_shapes)
+        else:
+            continue
+        seconds += event.self_cpu_time_total / 1e6
     averages = prof.key_averages()
-    flops = sum(event.flops for event in averages if event.key in MATMUL_OPS)
-    seconds = sum(event.self_cpu_time_total for event in averages if event.key in MATMUL_OPS) / 1e6
     total = sum(event.self_cpu_time_total for event in averages) / 1e6
     top = sorted(((event.key, event.self_cpu_time_total / 1e6) for event in averages), key=lambda item: -item[1])
     return flops, seconds, total, top[:8]
