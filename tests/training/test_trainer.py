@@ -196,10 +196,8 @@ def test_bf16_autocast_run_through_the_cli(tiny_files, tmp_path):
 
 
 def test_lorsa_implementation_is_a_recipe_switch(tiny_files, tmp_path):
-    """`lorsa.implementation` picks the layer's sparse or dense path; both give the same losses and weights up to
-    float32 rounding that Adam amplifies (a near-zero gradient whose sign flips moves a weight by ~2 lr), here
-    up to 2e-4 of the loss after four steps. Exact agreement of the gradients themselves is tested in float64
-    (tests/test_sparse.py)."""
+    """`lorsa.implementation` picks the layer's sparse or dense path; both give the same losses, and weights equal
+    up to float rounding that Adam amplifies (a near-zero gradient whose sign flips moves a weight by ~2 lr)."""
     weights, losses = {}, {}
     for implementation in ("sparse", "dense"):
         values = tiny_recipe_dict(
@@ -212,6 +210,6 @@ def test_lorsa_implementation_is_a_recipe_switch(tiny_files, tmp_path):
         weights[implementation] = _final_weights(tmp_path / implementation)
         lines = (tmp_path / implementation / "metrics.jsonl").read_text().splitlines()
         losses[implementation] = [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]
-    assert len(losses["dense"]) == 4 and losses["dense"] == pytest.approx(losses["sparse"], rel=1e-3)
+    assert len(losses["dense"]) == 4 and losses["dense"] == pytest.approx(losses["sparse"], rel=1e-4)
     for name, value in weights["sparse"].items():
         torch.testing.assert_close(weights["dense"][name], value, atol=1e-2, rtol=1e-2)
