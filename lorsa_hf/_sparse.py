@@ -130,8 +130,7 @@ def _block_pattern(
     """Softmax pattern P [H, rows, end] of one sequence's query rows start:stop (q [H, T, d_qk]) against its first
     `end` keys (k [H, S, d_qk]); mask [T, S] or None. Rows that may see no key (`empty_rows`) get zeros."""
     start, stop, end, masked_from = block
-    logits = query.new_empty(query.shape[0], stop - start, end)
-    logits.baddbmm_(query[:, start:stop], key[:, :end].transpose(-1, -2), beta=0.0, alpha=scale)
+    logits = torch.matmul(query[:, start:stop], key[:, :end].transpose(-1, -2)).mul_(scale)
     if mask is not None and masked_from < end:
         hidden = ~mask[start:stop, masked_from:end]
         logits[..., masked_from:].masked_fill_(hidden, torch.finfo(logits.dtype).min)
@@ -144,12 +143,19 @@ def _block_pattern(
 def _write_or_add_product(
     target: torch.Tensor, end: int, left: torch.Tensor, right: torch.Tensor, first: bool, scale: float = 1.0
 ) -> None:
-    """target[:, :end] = scale * left @ right and zeros after `end` (first block), or += (later blocks): dk and
-    dv [H, S, *] are accumulated over blocks of query rows in place, in whatever memory layout they have, with
-    no temporary product (beta=0 ignores what the target held)."""
-    if first and end < target.shape[1]:
-        target[:, end:] = 0.0
-    target[:, :end].baddbmm_(left, right, beta=0.0 if first else 1.0, alpha=scale)
+    """target[:, :end] = scale * left @ right, zeros after `end` (first block), or += (later blocks): dk and dv
+    [H, S, *] are accumulated over blocks of query rows in place, without a zero fill or a temporary product
+    when the first block covers every key."""
+    if first and end == target.shape[1] and target.is_contiguous():
+        torch.matmul(left, right, out=target)
+        if scale != 1.0:
+            target.mul_(scale)
+        return
+    if not first:
+        target[:, :end].baddbmm_(left, right, alpha=scale)
+        return
+    target[:, :end] = torch.matmul(left, right).mul_(scale)
+    target[:, end:] = 0.0
 
 
 class _BlockedSparseAttention(torch.autograd.Function):
@@ -202,8 +208,9 @@ class _BlockedSparseAttention(torch.autograd.Function):
         values, indices = values.view(-1, values.shape[-1]), indices.view(-1, indices.shape[-1])
         if grad_values is not None and ctx.relu:
             grad_values = grad_values * (values > 0)
-        # in the memory layouts of q, k and v, which are those the projections' backward reads
-        grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        # dv in v's own [B, H, S, g] order, whatever v's memory layout: each chunk's first product lands in place
+        grad_query, grad_key = torch.empty_like(query), torch.empty_like(key)
+        grad_value = torch.empty(value.shape, dtype=value.dtype, device=value.device)
         # a few heads at a time, so that a block's temporaries stay small next to dq, dk and dv
         chunks = [
             min(heads, max(1, BACKWARD_CHUNK_ELEMENTS // ((stop - start) * max(end, group_size))))
@@ -243,7 +250,7 @@ class _BlockedSparseAttention(torch.autograd.Function):
                     grad_logits.addcmul_(pattern, grad_logits.sum(-1, keepdim=True), value=-1.0)  # softmax backward
                     _write_or_add_product(grad_value[b, group], end, pattern.transpose(-1, -2), grad_block, first)
                     del pattern
-                    grad_query[b, group, start:stop].baddbmm_(grad_logits, k[:, :end], beta=0.0, alpha=ctx.scale)
+                    grad_query[b, group, start:stop] = torch.matmul(grad_logits, k[:, :end]).mul_(ctx.scale)
                     _write_or_add_product(
                         grad_key[b, group], end, grad_logits.transpose(-1, -2), q[:, start:stop], first, ctx.scale
                     )
