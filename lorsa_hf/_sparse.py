@@ -47,18 +47,20 @@ def project_queries_keys_values(
     """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads;
     None without `with_values`, for a step whose z comes from cached inputs).
 
-    Q and K are batched matmuls over the QK groups against the stored [n_qk, d, d_qk] layout: no copy of the
-    weights, forward or backward, and their gradients land in the stored layout (forward plus backward on 2 CPU
-    cores: 10% faster than one matmul against a fused copy at Pythia-160M size, 2.4x at Llama-3.1-8B size).
-    The exception is reduced precision from `FUSED_PROJECTION_MIN_TOKENS` tokens on: there, batched matmuls
-    copy the shared x once per group, while the weights' cast (autocast) can write them as one fused
-    [d, 2 n_qk d_qk] matrix for a single matmul. V is one matmul against its stored [n_ov, d] layout, which
-    already is the one a matmul wants.
+    On CPU in float32/64, and for fewer than `FUSED_PROJECTION_MIN_TOKENS` tokens (a decode step), Q and K
+    are batched matmuls over the QK groups against the stored [n_qk, d, d_qk] layout: no copy of the weights,
+    forward or backward, and their gradients land in the stored layout (forward plus backward on 2 CPU cores:
+    10% faster than one matmul against a fused copy at Pythia-160M size, 2.4x at Llama-3.1-8B size).
+    Otherwise they are one matmul against a fused [d, 2 n_qk d_qk] copy of the weights: in reduced precision
+    the weights' cast (autocast) writes that copy anyway, while a batched matmul would copy the shared x once
+    per group (measured on CPU); on an accelerator one large matmul is the safe choice. V is one matmul against
+    its stored [n_ov, d] layout, which already is the one a matmul wants.
     """
     batch_size, seq_len, d = hidden_states.shape
     n_qk = W_Q.shape[0]
     dtype = _autocast_dtype(hidden_states.device.type, W_Q.dtype)
-    if dtype in (torch.float32, torch.float64) or batch_size * seq_len < FUSED_PROJECTION_MIN_TOKENS:
+    cpu_full_precision = hidden_states.device.type == "cpu" and dtype in (torch.float32, torch.float64)
+    if cpu_full_precision or batch_size * seq_len < FUSED_PROJECTION_MIN_TOKENS:
         tokens = hidden_states.reshape(1, batch_size * seq_len, d).expand(n_qk, -1, -1)
         query = torch.baddbmm(b_Q[:, None, :], tokens, W_Q).view(n_qk, batch_size, seq_len, -1).transpose(0, 1)
         key = torch.baddbmm(b_K[:, None, :], tokens, W_K).view(n_qk, batch_size, seq_len, -1).transpose(0, 1)
