@@ -114,11 +114,15 @@ class _Rotary(torch.autograd.Function):
         return _rotate_into(grad_input, grad_output, cos, -sin, ctx.adjacent_pairs), None, None, None
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent_pairs: bool = False) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent_pairs: bool = False, one_node: bool = True
+) -> torch.Tensor:
     """Rotate the first `cos.shape[-1]` dims of `x` [B, H, T, d_qk]; `cos`/`sin` [B, T, r] in rotate-half layout.
 
     `adjacent_pairs=False` pairs dim i with i + r/2 (GPT-NeoX, Llama); `True` pairs 2i with 2i + 1 (GPT-J).
-    The result keeps the memory layout of `x`.
+    With `one_node` (the fast path) the rotation is one autograd node and keeps the memory layout of `x`;
+    without it (the dense reference path) it is plain differentiable ops, as the reference implementations
+    write it, which also suits torch.func transforms.
     """
     rotary_dim = cos.shape[-1]
     if rotary_dim == 0:
@@ -127,6 +131,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent
     if adjacent_pairs:  # the angle of pair i sits at dims 2i and 2i + 1
         cos = cos[..., : rotary_dim // 2].repeat_interleave(2, dim=-1)
         sin = sin[..., : rotary_dim // 2].repeat_interleave(2, dim=-1)
-    if cos.requires_grad or sin.requires_grad:  # angles that are themselves trained: plain autograd reaches them
+    if not one_node or cos.requires_grad or sin.requires_grad:  # trained angles: plain autograd reaches them
         return _rotate(x, cos, sin, adjacent_pairs)
     return _Rotary.apply(x, cos, sin, adjacent_pairs)

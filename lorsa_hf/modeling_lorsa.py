@@ -140,8 +140,8 @@ class LorsaLayer(nn.Module):
                     position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
                 position_embeddings = self.rotary_emb(hidden_states, position_ids)
             cos, sin = position_embeddings
-            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs)
-            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs)
+            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs, one_node=not dense)
+            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs, one_node=not dense)
 
         if cache is not None and config.cached_inputs:
             key, inputs = cache.update(key, self._cacheable_inputs(hidden_states), self.layer_idx)

@@ -33,6 +33,19 @@ def test_equals_transformers_rotate_half_and_keeps_the_memory_layout(rotary_dim)
     assert out.stride() == x.stride()
 
 
+def test_plain_ops_for_the_reference_path_give_the_same_rotation_and_gradient():
+    cos, sin = angles(4)
+    x = queries().requires_grad_()
+    grad = torch.randn(BATCH, HEADS, SEQ, D_QK, dtype=torch.float64)
+    results = []
+    for one_node in (True, False):
+        out = apply_rotary(x, cos, sin, one_node=one_node)
+        results.append((out, *torch.autograd.grad(out, x, grad)))
+    assert results[1][0].grad_fn.name() == "CatBackward0" and "Rotary" in results[0][0].grad_fn.name()
+    for node, plain in zip(*results, strict=True):
+        torch.testing.assert_close(node, plain, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("rotary_dim", [4, D_QK])
 def test_adjacent_pairs_equal_transformers_gpt_j(rotary_dim):
     x = queries()
