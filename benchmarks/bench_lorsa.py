@@ -69,9 +69,9 @@ CASES = {
 }
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
-# in-place matmuls: the profiler gives them no FLOPs, so they are counted from their shapes
-IN_PLACE_MATMUL_OPS = ("aten::addmm_", "aten::baddbmm_")
+# in-place matmuls: neither the profiler nor FlopCounterMode gives them FLOPs, so they are counted from their shapes
 IN_PLACE_OPS = (torch.ops.aten.addmm_, torch.ops.aten.baddbmm_)
+IN_PLACE_MATMUL_OPS = tuple(f"aten::{op.__name__}" for op in IN_PLACE_OPS)  # their names in a profile
 
 
 def base_config(case: Case, layers: int):
