@@ -8,17 +8,20 @@ Both paths compute the same function and share the TopK selection rule; they dif
 - sparse: Q/K projections batched over the QK groups against the stored weights; the attention in blocks of
   query rows that skip the keys a causal mask hides, with the TopK selection in the same autograd node
   (`_BlockedSparseAttention`), so that its backward sends gradient to z only at the kept entries and keeps no
-  softmax pattern and nothing of size N x n_ov; a decode that reads only the K selected rows of W_O per token
-  (`embedding_bag` with per-sample weights, or a Triton kernel on CUDA), whose backward reaches W_O only in
-  those rows (`_SparseTopKDecode`).
+  softmax pattern and nothing of size N x n_ov; where it is cheaper (large g), the V projection in the same
+  node, whose backward then reaches W_V through x at the kept heads only, without keeping v; a decode that
+  reads only the K selected rows of W_O per token (`embedding_bag` with per-sample weights, or a Triton kernel
+  on CUDA), whose backward reaches W_O only in those rows (`_SparseTopKDecode`).
 
 For generation, `input_form_attention` computes z from a cache that holds the layer's input x instead of the
-n_ov values per token (the softmax rows sum to one, so attending over x and projecting afterwards is exact).
+n_ov values per token (the softmax rows sum to one, so attending over x and projecting afterwards is exact; the
+backward through x uses the same identity).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,28 @@ def _autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
+def project_values(hidden_states: torch.Tensor, W_V: torch.Tensor, b_V: torch.Tensor, n_qk: int) -> torch.Tensor:
+    """v [B, n_qk, T, g] = x W_V^T + b_V, the g scalar values of each QK group's heads (head i = group * g + j)."""
+    batch_size, seq_len, _ = hidden_states.shape
+    return F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, n_qk, -1).transpose(1, 2)
+
+
+class ValueProjection(NamedTuple):
+    """The values x W_V^T + b_V of `n_qk` QK groups, not computed yet. The fast attention computes them inside its
+    autograd node, whose backward may then reach W_V from x without keeping v (`_BlockedSparseAttention`);
+    everything else takes `as_values(value)`."""
+
+    hidden_states: torch.Tensor
+    W_V: torch.Tensor
+    b_V: torch.Tensor
+    n_qk: int
+
+
+def as_values(value: torch.Tensor | ValueProjection) -> torch.Tensor:
+    """v [B, n_qk, T, g] from either form."""
+    return project_values(*value) if isinstance(value, ValueProjection) else value
+
+
 def project_queries_keys_values(
     hidden_states: torch.Tensor,
     W_Q: torch.Tensor,
@@ -43,9 +68,10 @@ def project_queries_keys_values(
     W_V: torch.Tensor,
     b_V: torch.Tensor,
     with_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads;
-    None without `with_values`, for a step whose z comes from cached inputs).
+) -> tuple[torch.Tensor, torch.Tensor, ValueProjection | None]:
+    """x [B, T, d] -> q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, g] (the g scalar values of each group's heads) as
+    a `ValueProjection` not computed yet: the fast attention projects it in its own autograd node (None without
+    `with_values`, for a step whose z comes from cached inputs).
 
     On CPU in float32/64, and for fewer than `FUSED_PROJECTION_MIN_TOKENS` tokens (a decode step), Q and K
     are batched matmuls over the QK groups against the stored [n_qk, d, d_qk] layout: no copy of the weights,
@@ -53,8 +79,8 @@ def project_queries_keys_values(
     10% faster than one matmul against a fused copy at Pythia-160M size, 2.4x at Llama-3.1-8B size).
     Otherwise they are one matmul against a fused [d, 2 n_qk d_qk] copy of the weights: in reduced precision
     the weights' cast (autocast) writes that copy anyway, while a batched matmul would copy the shared x once
-    per group (measured on CPU); on an accelerator one large matmul is the safe choice. V is one matmul against
-    its stored [n_ov, d] layout, which already is the one a matmul wants.
+    per group (measured on CPU); on an accelerator one large matmul is the safe choice. V will be one matmul
+    against its stored [n_ov, d] layout, which already is the one a matmul wants.
     """
     batch_size, seq_len, d = hidden_states.shape
     n_qk = W_Q.shape[0]
@@ -68,10 +94,7 @@ def project_queries_keys_values(
         weight = torch.cat((W_Q.to(dtype), W_K.to(dtype))).permute(1, 0, 2).reshape(d, -1)  # [d, 2 n_qk d_qk]
         query_key = torch.addmm(torch.cat((b_Q, b_K)).reshape(-1), hidden_states.reshape(-1, d), weight)
         query, key = query_key.view(batch_size, seq_len, 2 * n_qk, -1).transpose(1, 2).chunk(2, dim=1)
-    if not with_values:
-        return query, key, None
-    value = F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, n_qk, -1).transpose(1, 2)
-    return query, key, value
+    return query, key, ValueProjection(hidden_states, W_V, b_V, n_qk) if with_values else None
 
 
 def reference_projections(
@@ -85,17 +108,16 @@ def reference_projections(
     with_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`project_queries_keys_values` as the reference implementations write it: one einsum per weight."""
-    batch_size, seq_len, _ = hidden_states.shape
     query = torch.einsum("btd,hdk->bhtk", hidden_states, W_Q) + b_Q[None, :, None, :]
     key = torch.einsum("btd,hdk->bhtk", hidden_states, W_K) + b_K[None, :, None, :]
-    if not with_values:
-        return query, key, None
-    value = F.linear(hidden_states, W_V, b_V).view(batch_size, seq_len, W_Q.shape[0], -1).transpose(1, 2)
-    return query, key, value
+    return query, key, project_values(hidden_states, W_V, b_V, W_Q.shape[0]) if with_values else None
 
 
 ATTENTION_BLOCK_ROWS = 64
-# backward takes as many heads at a time as keep a block's temporaries ([heads, rows, max(end, g)]) near this
+# whether the backward of values projected in the attention node goes through x; None: the cheaper (by FLOPs)
+BACKWARD_FROM_INPUTS: bool | None = None
+# backward from v takes as many heads at a time as keep a block's temporaries ([heads, rows, max(end, g)]) near
+# this (from x, all heads at once: its per-block temporaries [n_qk, rows, d] are those of the larger matmuls)
 BACKWARD_CHUNK_ELEMENTS = 2**17
 
 
@@ -160,25 +182,64 @@ def _write_or_add_product(
     target[:, end:] = 0.0
 
 
+def _backward_from_inputs(blocks: list[tuple[int, int, int, int]], query_length: int, group_size: int, d: int,
+                          input_gradient: bool) -> bool:
+    """Whether the backward of attention over values projected in the node is cheaper from x than from v, in
+    multiply-adds per token and QK group (S: the keys a query row sees, on average over the blocks):
+
+    - from v: dP = dz v^T and dv = P^T dz (2 S g), then dW_V = dv^T x and, for x's gradient, dx = dv W_V (g d each);
+    - from x (softmax rows sum to one, as in `input_form_attention`): u = dz W_V over the kept heads only, then
+      dP = u x^T and P x, from which dW_V's kept rows follow (2 S d), and dx = P^T u (S d).
+
+    From x wins where g is large next to S and d: at SmolLM2-135M size (g 512, d 576, S 160) 2.5x fewer, at
+    Llama-3.1-8B size and 64 tokens 8x; at Pythia-160M size (g 128, d 768) from v is 1.8x cheaper. From x also
+    keeps x instead of v for backward. `BACKWARD_FROM_INPUTS` overrides the choice (tests run both)."""
+    if BACKWARD_FROM_INPUTS is not None:
+        return BACKWARD_FROM_INPUTS
+    keys = sum((stop - start) * end for start, stop, end, _ in blocks) / query_length
+    from_values = 2 * keys * group_size + group_size * d * (1 + input_gradient)
+    from_inputs = keys * d * (2 + input_gradient)
+    return from_inputs < from_values
+
+
+def _bag_sum(
+    table: torch.Tensor, entries: torch.Tensor, bags: torch.Tensor, weights: torch.Tensor, num_bags: int
+) -> torch.Tensor:
+    """out[b] = sum of weights[e] table[entries[e]] over the entries e with bags[e] == b: [num_bags, table width],
+    zeros for empty bags. An `embedding_bag` once the entries are sorted by bag (a stable integer sort: a radix
+    sort on CPU, 8x faster than sorting the same keys as floats)."""
+    order = torch.argsort(bags, stable=True)
+    counts = torch.bincount(bags, minlength=num_bags)
+    return F.embedding_bag(
+        entries[order], table, counts.cumsum(0) - counts, per_sample_weights=weights[order].to(table.dtype), mode="sum"
+    )
+
+
 class _BlockedSparseAttention(torch.autograd.Function):
     """Attention of every QK group and the TopK selection as one node, so that the gradient stays sparse:
-    q [B, H, T, d_qk], k [B, H, S, d_qk], v [B, H, S, g] -> z [N, n_ov] (head i = group * g + j), the kept
-    activations [N, K] and their heads [N, K].
+    q [B, H, T, d_qk], k [B, H, S, d_qk] and either v [B, H, S, g] or the x [B, S, d], W_V [n_ov, d] and b_V [n_ov]
+    that project it -> z [N, n_ov] (head i = group * g + j), the kept activations [N, K] and their heads [N, K].
 
     Forward runs blocks of query rows against only the keys their mask lets them see (`_query_blocks`) and
-    selects each block's TopK as soon as its z is known. Kept for backward: q, k, v and the [N, K] selection;
-    no [T, S] pattern and nothing of size N x n_ov. Backward goes block by block and, within a block, a few
-    heads at a time (`BACKWARD_CHUNK_ELEMENTS`), so that its temporaries stay small next to dq, dk and dv: it
-    recomputes the chunk's pattern, builds its dz from the gradient of the K kept activations per token (plus
-    that of z, when z itself was used), and uses that a softmax row's gradient is P * (dP - sum(dP * P)), in
-    place. Query rows that may see no key at all (padding) give zeros, as `group_attention` does."""
+    selects each block's TopK as soon as its z is known. Kept for backward: q, k, the [N, K] selection and v, or
+    x instead of v when the node projected it (`sparse_attention_top_k` hands it x, W_V and b_V where the
+    backward is cheaper through x: `_backward_from_inputs`); no [T, S] pattern and nothing of size N x n_ov.
+    Backward goes block by block, recomputes each block's pattern and uses that a softmax row's gradient is
+    P * (dP - sum(dP * P)), in place; dP and the way to v's weights come from v
+    (`_attention_backward_through_values`) or from x (`_attention_backward_through_inputs`). Query rows that
+    may see no key at all (padding) give zeros, as `group_attention` does."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, scale: float, norms, top_k: int, activation: str):
+    def forward(
+        ctx, query, key, value, hidden_states, W_V, b_V, mask, blocks, scale: float, norms, top_k: int, activation: str
+    ):
         batch_size, heads, query_length, _ = query.shape
+        from_inputs = value is None
+        if from_inputs:
+            dtype = query.dtype
+            value = project_values(hidden_states.to(dtype), W_V.to(dtype), b_V.to(dtype), heads)
         group_size = value.shape[-1]
         n_ov = heads * group_size
-        blocks = _query_blocks(mask, query_length, key.shape[-2])
         empty_rows = mask is not None and not bool(mask.any(-1).all())
         if value.dtype not in (torch.float32, torch.float64):
             value = value.contiguous()  # bf16/fp16 matmuls copy v^T unless it is a plain transposed matrix
@@ -194,9 +255,10 @@ class _BlockedSparseAttention(torch.autograd.Function):
                 z_rows = z[b, start:stop].view(stop - start, n_ov)
                 indices[b, start:stop] = select_top_k(z_rows, norms, top_k, activation)
                 values[b, start:stop] = kept_activations(z_rows, indices[b, start:stop], activation)
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(query, key, value, mask, values, indices)
+        if any(ctx.needs_input_grad[:6]):
+            ctx.save_for_backward(query, key, None if from_inputs else value, hidden_states, W_V, mask, values, indices)
         ctx.blocks, ctx.scale, ctx.empty_rows, ctx.relu = blocks, scale, empty_rows, activation == "topk_relu"
+        ctx.group_size, ctx.b_V_dtype = group_size, None if b_V is None else b_V.dtype
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)
         return z.view(-1, n_ov), values.view(-1, top_k), indices.view(-1, top_k)
@@ -204,61 +266,188 @@ class _BlockedSparseAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None, grad_indices: None):
-        query, key, value, mask, values, indices = ctx.saved_tensors
-        batch_size, heads, query_length, _ = query.shape
-        group_size, blocks = value.shape[-1], ctx.blocks
-        values, indices = values.view(-1, values.shape[-1]), indices.view(-1, indices.shape[-1])
+        query, key, value, hidden_states, W_V, mask, values, indices = ctx.saved_tensors
+        top_k = indices.shape[-1]
+        values, indices = values.view(-1, top_k), indices.view(-1, top_k)
         if grad_values is not None and ctx.relu:
             grad_values = grad_values * (values > 0)
-        # dv in v's own [B, H, S, g] order, whatever v's memory layout: each chunk's first product lands in place
-        grad_query, grad_key = torch.empty_like(query), torch.empty_like(key)
-        grad_value = torch.empty(value.shape, dtype=value.dtype, device=value.device)
-        # a few heads at a time, so that a block's temporaries stay small next to dq, dk and dv
-        chunks = [
-            min(heads, max(1, BACKWARD_CHUNK_ELEMENTS // ((stop - start) * max(end, group_size))))
-            for start, stop, end, _ in blocks
-        ]
-        # dz of one chunk of heads for one block; without z's own gradient it holds zeros between uses
-        buffer = (torch.empty if grad_z is not None else torch.zeros)(
-            max((stop - start) * chunk for (start, stop, _, _), chunk in zip(blocks, chunks, strict=True)) * group_size,
-            dtype=value.dtype, device=value.device,
-        )
-        for b in range(batch_size):
-            sequence_mask = _sequence_mask(mask, b)
-            # the block that sees the most keys first: it writes dk and dv, the others add to them
-            for number in reversed(range(len(blocks))):
-                start, stop, end, _ = block = blocks[number]
-                first, tokens = number == len(blocks) - 1, slice(b * query_length + start, b * query_length + stop)
-                width = chunks[number] * group_size  # dz columns of one chunk of heads
-                if grad_values is not None:  # each kept activation's chunk and column within it
-                    chunk_of, column = indices[tokens].div(width, rounding_mode="floor"), indices[tokens] % width
-                    kept_gradient = grad_values[tokens].to(value.dtype)
-                for number_in_block, h in enumerate(range(0, heads, chunks[number])):
-                    group = slice(h, min(h + chunks[number], heads))
-                    q, k, v = query[b, group], key[b, group], value[b, group]
-                    # dz [h, rows, g]: the kept activations' gradient at their heads, plus z's own when z was used
-                    grad_rows = buffer[: (stop - start) * width].view(stop - start, width)
-                    columns = slice(h * group_size, group.stop * group_size)
-                    if grad_z is not None:
-                        grad_rows[:, : columns.stop - columns.start] = grad_z[tokens, columns]
-                    if grad_values is not None:
-                        grad_rows.scatter_add_(-1, column, torch.where(chunk_of == number_in_block, kept_gradient, 0.0))
-                    grad_block = grad_rows[:, : columns.stop - columns.start].view(stop - start, -1, group_size)
-                    grad_block = grad_block.transpose(0, 1)
+        if value is None:
+            return _attention_backward_through_inputs(
+                ctx, query, key, hidden_states, W_V, mask, indices, grad_z, grad_values
+            )
+        gradients = _attention_backward_through_values(ctx, query, key, value, mask, indices, grad_z, grad_values)
+        return *gradients, *[None] * 10
 
-                    pattern = _block_pattern(q, k, sequence_mask, block, ctx.scale, ctx.empty_rows)
-                    grad_logits = torch.matmul(grad_block, v[:, :end].transpose(-1, -2))  # dP [h, rows, end]
-                    grad_logits.mul_(pattern)
-                    grad_logits.addcmul_(pattern, grad_logits.sum(-1, keepdim=True), value=-1.0)  # softmax backward
-                    _write_or_add_product(grad_value[b, group], end, pattern.transpose(-1, -2), grad_block, first)
-                    del pattern
-                    grad_query[b, group, start:stop] = torch.matmul(grad_logits, k[:, :end]).mul_(ctx.scale)
-                    _write_or_add_product(
-                        grad_key[b, group], end, grad_logits.transpose(-1, -2), q[:, start:stop], first, ctx.scale
-                    )
-                    if grad_z is None and grad_values is not None:
-                        grad_rows.scatter_(-1, column, 0.0)  # zeros again where this use wrote, K per token
-        return grad_query, grad_key, grad_value, None, None, None, None, None
+
+def _attention_backward_through_values(
+    ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+    indices: torch.Tensor, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of `_BlockedSparseAttention` given v: dz (the kept activations' gradient at their heads, plus
+    z's own when z was used) is scattered into a block of a few heads at a time, dP = dz v^T, dv = P^T dz."""
+    batch_size, heads, query_length, _ = query.shape
+    group_size, blocks = value.shape[-1], ctx.blocks
+    # dv in v's own [B, H, S, g] order, whatever v's memory layout: each chunk's first product lands in place
+    grad_query, grad_key = torch.empty_like(query), torch.empty_like(key)
+    grad_value = torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    # a few heads at a time, so that a block's temporaries stay small next to dq, dk and dv
+    chunks = [
+        min(heads, max(1, BACKWARD_CHUNK_ELEMENTS // ((stop - start) * max(end, group_size))))
+        for start, stop, end, _ in blocks
+    ]
+    # dz of one chunk of heads for one block; without z's own gradient it holds zeros between uses
+    buffer = (torch.empty if grad_z is not None else torch.zeros)(
+        max((stop - start) * chunk for (start, stop, _, _), chunk in zip(blocks, chunks, strict=True)) * group_size,
+        dtype=value.dtype, device=value.device,
+    )
+    for b in range(batch_size):
+        sequence_mask = _sequence_mask(mask, b)
+        # the block that sees the most keys first: it writes dk and dv, the others add to them
+        for number in reversed(range(len(blocks))):
+            start, stop, end, _ = block = blocks[number]
+            first, tokens = number == len(blocks) - 1, slice(b * query_length + start, b * query_length + stop)
+            width = chunks[number] * group_size  # dz columns of one chunk of heads
+            if grad_values is not None:  # each kept activation's chunk and column within it
+                chunk_of, column = indices[tokens].div(width, rounding_mode="floor"), indices[tokens] % width
+                kept_gradient = grad_values[tokens].to(value.dtype)
+            for number_in_block, h in enumerate(range(0, heads, chunks[number])):
+                group = slice(h, min(h + chunks[number], heads))
+                q, k, v = query[b, group], key[b, group], value[b, group]
+                # dz [h, rows, g]: the kept activations' gradient at their heads, plus z's own when z was used
+                grad_rows = buffer[: (stop - start) * width].view(stop - start, width)
+                columns = slice(h * group_size, group.stop * group_size)
+                if grad_z is not None:
+                    grad_rows[:, : columns.stop - columns.start] = grad_z[tokens, columns]
+                if grad_values is not None:
+                    grad_rows.scatter_add_(-1, column, torch.where(chunk_of == number_in_block, kept_gradient, 0.0))
+                grad_block = grad_rows[:, : columns.stop - columns.start].view(stop - start, -1, group_size)
+                grad_block = grad_block.transpose(0, 1)
+
+                pattern = _block_pattern(q, k, sequence_mask, block, ctx.scale, ctx.empty_rows)
+                grad_logits = torch.matmul(grad_block, v[:, :end].transpose(-1, -2))  # dP [h, rows, end]
+                _softmax_backward_(grad_logits, pattern)
+                _write_or_add_product(grad_value[b, group], end, pattern.transpose(-1, -2), grad_block, first)
+                del pattern
+                _query_key_gradients(
+                    grad_query[b, group], grad_key[b, group], grad_logits, q, k, block, first, ctx.scale
+                )
+                if grad_z is None and grad_values is not None:
+                    grad_rows.scatter_(-1, column, 0.0)  # zeros again where this use wrote, K per token
+    return grad_query, grad_key, grad_value
+
+
+def _softmax_backward_(grad_pattern: torch.Tensor, pattern: torch.Tensor) -> None:
+    """dP -> d(logits) in place: P * (dP - sum(dP * P)) per row."""
+    grad_pattern.mul_(pattern)
+    grad_pattern.addcmul_(pattern, grad_pattern.sum(-1, keepdim=True), value=-1.0)
+
+
+def _query_key_gradients(
+    grad_query: torch.Tensor, grad_key: torch.Tensor, grad_logits: torch.Tensor, query: torch.Tensor,
+    key: torch.Tensor, block: tuple[int, int, int, int], first: bool, scale: float,
+) -> None:
+    """One block's dq rows and its share of dk from d(logits) [h, rows, end]: q and k [h, T or S, d_qk]."""
+    start, stop, end, _ = block
+    grad_query[:, start:stop] = torch.matmul(grad_logits, key[:, :end]).mul_(scale)
+    _write_or_add_product(grad_key, end, grad_logits.transpose(-1, -2), query[:, start:stop], first, scale)
+
+
+def _attention_backward_through_inputs(
+    ctx, query: torch.Tensor, key: torch.Tensor, hidden_states: torch.Tensor, W_V: torch.Tensor,
+    mask: torch.Tensor | None, indices: torch.Tensor, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of `_BlockedSparseAttention`'s inputs when it projected v itself, through x rather than v
+    (`_backward_from_inputs`), all heads of a block at once, in two passes over the blocks:
+
+    1. mixed = P x of each group at every token, from which W_V's gradient follows at the kept heads only
+       (`_projection_gradients`); mixed is freed before the second pass allocates dq and dk.
+    2. u = dz W_V per group (the W_V rows of the kept heads weighted by their gradient, plus z's own gradient
+       when z was used), dP = u x^T (exact up to a constant per row, which the softmax backward cancels), and
+       x's gradient P^T u when x needs one."""
+    batch_size, heads, query_length, _ = query.shape
+    group_size, blocks, dtype = ctx.group_size, ctx.blocks, query.dtype
+    top_k = indices.shape[-1]
+    x = hidden_states.to(dtype)
+    d = x.shape[-1]
+    mixed = torch.empty(heads, batch_size, query_length, d, dtype=W_V.dtype, device=x.device)
+    for b in range(batch_size):
+        sequence_mask = _sequence_mask(mask, b)
+        for block in blocks:
+            start, stop, end, _ = block
+            pattern = _block_pattern(query[b], key[b], sequence_mask, block, ctx.scale, ctx.empty_rows)
+            mixed[:, b, start:stop] = torch.matmul(pattern, x[b, :end])
+    grad_W_V, grad_b_V = _projection_gradients(ctx, mixed, grad_z, grad_values, indices, mask, group_size)
+    del mixed, pattern
+
+    grad_query, grad_key = torch.empty_like(query), torch.empty_like(key)
+    grad_x = torch.zeros_like(x) if ctx.needs_input_grad[3] else None
+    grouped_W_V = W_V.view(heads, group_size, d)
+    for b in range(batch_size):
+        sequence_mask = _sequence_mask(mask, b)
+        # the block that sees the most keys first: it writes dk, the others add to it
+        for number in reversed(range(len(blocks))):
+            start, stop, end, _ = block = blocks[number]
+            first, tokens = number == len(blocks) - 1, slice(b * query_length + start, b * query_length + stop)
+            rows = stop - start
+            if grad_values is not None:  # u [H, rows, d]: per group, the W_V rows of its kept heads times their dz
+                heads_kept = indices[tokens].reshape(-1)
+                row = torch.arange(rows, device=x.device).repeat_interleave(top_k)
+                bags = (heads_kept // group_size) * rows + row
+                grad_sums = _bag_sum(W_V, heads_kept, bags, grad_values[tokens].reshape(-1), heads * rows)
+            else:
+                grad_sums = torch.zeros(heads * rows, d, dtype=W_V.dtype, device=x.device)
+            grad_sums = grad_sums.view(heads, rows, d)
+            if grad_z is not None:
+                grad_block = grad_z[tokens].view(rows, heads, group_size).transpose(0, 1).to(W_V.dtype)
+                grad_sums.baddbmm_(grad_block, grouped_W_V)
+            grad_sums = grad_sums.to(dtype)
+
+            pattern = _block_pattern(query[b], key[b], sequence_mask, block, ctx.scale, ctx.empty_rows)
+            if grad_x is not None:
+                grad_x[b, :end].addmm_(pattern.reshape(-1, end).T, grad_sums.reshape(-1, d))
+            grad_logits = torch.matmul(grad_sums, x[b, :end].T)  # dP [H, rows, end], up to a constant per row
+            _softmax_backward_(grad_logits, pattern)
+            del pattern
+            _query_key_gradients(grad_query[b], grad_key[b], grad_logits, query[b], key[b], block, first, ctx.scale)
+    if grad_x is not None:
+        grad_x = grad_x.to(hidden_states.dtype)
+    return grad_query, grad_key, None, grad_x, grad_W_V, grad_b_V, *[None] * 7
+
+
+def _projection_gradients(
+    ctx, mixed: torch.Tensor, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None, indices: torch.Tensor,
+    mask: torch.Tensor | None, group_size: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dW_V [n_ov, d] and db_V [n_ov] of `_BlockedSparseAttention`'s backward from x: z_i[t] = mixed_h(i)[t] . W_V[i]
+    + b_V[i] rowsum(P[t]), where mixed [H, B, T, d] holds P x of each group. Row i of dW_V sums dz[t, i] mixed[t]
+    over the tokens that kept head i (plus z's own gradient, densely, when z was used)."""
+    heads, batch_size, query_length, d = mixed.shape
+    num_tokens, top_k = indices.shape
+    n_ov = heads * group_size
+    # rowsum(P[t]): one, or zero for query rows that see no key
+    seen = torch.ones(num_tokens, dtype=mixed.dtype, device=mixed.device)
+    if ctx.empty_rows:
+        seen = mask.any(-1).expand(batch_size, 1, query_length).reshape(-1).to(mixed.dtype)
+    grad_W_V = grad_b_V = None
+    if ctx.needs_input_grad[4]:
+        if grad_values is not None:
+            heads_kept = indices.reshape(-1)
+            tokens = torch.arange(num_tokens, device=mixed.device).repeat_interleave(top_k)
+            entries = (heads_kept // group_size) * num_tokens + tokens
+            grad_W_V = _bag_sum(mixed.view(-1, d), entries, heads_kept, grad_values.reshape(-1), n_ov)
+        else:
+            grad_W_V = torch.zeros(n_ov, d, dtype=mixed.dtype, device=mixed.device)
+        if grad_z is not None:
+            grad_z_by_group = grad_z.view(num_tokens, heads, group_size).permute(1, 2, 0).to(mixed.dtype)
+            grad_W_V += torch.bmm(grad_z_by_group, mixed.view(heads, num_tokens, d)).view(n_ov, d)
+    if ctx.needs_input_grad[5]:
+        grad_b_V = torch.zeros(n_ov, dtype=mixed.dtype, device=mixed.device)
+        if grad_values is not None:
+            grad_b_V.index_add_(0, indices.reshape(-1), (grad_values.to(mixed.dtype) * seen[:, None]).reshape(-1))
+        if grad_z is not None:
+            grad_b_V += (grad_z.to(mixed.dtype) * seen[:, None]).sum(0)
+        grad_b_V = grad_b_V.to(ctx.b_V_dtype)
+    return grad_W_V, grad_b_V
 
 
 def select_from_groups(
@@ -284,10 +473,11 @@ def dense_attention_top_k(
 
 
 def sparse_attention_top_k(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object, scale: float,
-    W_O: torch.Tensor, top_k: int, activation: str,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | ValueProjection, attention_mask: object,
+    scale: float, W_O: torch.Tensor, top_k: int, activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dense_attention_top_k`, skipping the work a causal mask makes void and keeping the gradient sparse.
+    """`dense_attention_top_k`, skipping the work a causal mask makes void and keeping the gradient sparse; v
+    may come as the `ValueProjection` that computes it.
 
     Two kernels, by what is faster on the shape:
     - PyTorch's fused (flash) attention for long keys. It wants value width == d_qk, so the g values of a group
@@ -298,10 +488,12 @@ def sparse_attention_top_k(
       chunks and keys longer than 2 g.
     - Otherwise `_BlockedSparseAttention`: batched matmuls over blocks of query rows, each against the keys its
       mask lets it see (62.5% of the T x S work at T = 256 under a causal mask), with the selection in the same
-      node.
+      node, and the V projection too when v comes as a `ValueProjection`.
     """
     batch_size, n_qk, query_length, d_qk = query.shape
-    key_length, group_size = key.shape[-2], value.shape[-1]
+    projected = isinstance(value, ValueProjection)
+    key_length = key.shape[-2]
+    group_size = value.W_V.shape[0] // n_qk if projected else value.shape[-1]
     norms = decoder_norms(W_O)
     flash = group_size % d_qk == 0 and group_size // d_qk <= 2 and key_length > 2 * group_size
     causal = attention_mask is None and query_length == key_length
@@ -311,17 +503,27 @@ def sparse_attention_top_k(
     if flash:
         z = torch.cat([
             F.scaled_dot_product_attention(query, key, chunk, attn_mask=mask, is_causal=causal, scale=scale)
-            for chunk in value.split(d_qk, dim=-1)  # [B, n_qk, S, d_qk] views of v
+            for chunk in as_values(value).split(d_qk, dim=-1)  # [B, n_qk, S, d_qk] views of v
         ], dim=-1)
         return select_from_groups(z, norms, top_k, activation)
     if mask is not None and mask.shape[1] != 1:  # a per-head mask (none of transformers' forms)
-        return select_from_groups(group_attention(query, key, value, mask, scale), norms, top_k, activation)
+        z = group_attention(query, key, as_values(value), mask, scale)
+        return select_from_groups(z, norms, top_k, activation)
+    blocks = _query_blocks(mask, query_length, key_length)
+    if projected:  # the node projects v itself where its backward is then cheaper from x
+        x = value.hidden_states
+        input_gradient = torch.is_grad_enabled() and x.requires_grad
+        if not _backward_from_inputs(blocks, query_length, group_size, x.shape[-1], input_gradient):
+            value, projected = as_values(value), False
     # one dtype for all three, as autocast would give the matmuls (q and k leave the rotary in float32)
     device_type = query.device.type
-    dtype = _autocast_dtype(device_type, torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
+    value_dtype = value.W_V.dtype if projected else value.dtype
+    dtype = _autocast_dtype(device_type, torch.promote_types(torch.promote_types(query.dtype, key.dtype), value_dtype))
     with torch.autocast(device_type, enabled=False):
+        query, key = query.to(dtype), key.to(dtype)
+        value, projection = (None, value[:3]) if projected else (value.to(dtype), (None, None, None))
         return _BlockedSparseAttention.apply(
-            query.to(dtype), key.to(dtype), value.to(dtype), mask, scale, norms, top_k, activation
+            query, key, value, *projection, mask, blocks, scale, norms, top_k, activation
         )
 
 
@@ -440,16 +642,10 @@ def _selected_rows_gradient(
     grad_output: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n_ov: int
 ) -> torch.Tensor:
     """dL/dW_O [n_ov, d], nonzero only in selected rows: row i sums values[n, k] grad_output[n] over the (n, k)
-    that selected head i. That is itself an `embedding_bag`, with one bag per head over the token rows."""
+    that selected head i, one bag per head over the token rows."""
     num_tokens, top_k = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # a radix sort for integers on CPU: 8x faster than as floats here
-    offsets = torch.zeros(n_ov, dtype=torch.long, device=flat.device)
-    offsets[1:] = torch.bincount(flat, minlength=n_ov).cumsum(0)[:-1]
-    tokens = torch.div(order, top_k, rounding_mode="floor")
-    return F.embedding_bag(
-        tokens, grad_output, offsets, per_sample_weights=values.reshape(-1)[order].to(grad_output.dtype), mode="sum"
-    )
+    tokens = torch.arange(num_tokens, device=indices.device).repeat_interleave(top_k)
+    return _bag_sum(grad_output, tokens, indices.reshape(-1), values.reshape(-1), n_ov)
 
 
 class _SparseTopKDecode(torch.autograd.Function):

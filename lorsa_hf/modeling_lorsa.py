@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 from ._io import atomic_save_directory
 from ._rotary import LorsaRotaryEmbedding, apply_rotary
 from ._sparse import (
+    as_values,
     decoder_norms,
     dense_attention_top_k,
     dense_top_k_decode,
@@ -146,7 +147,7 @@ class LorsaLayer(nn.Module):
         if cache is not None and config.cached_inputs:
             key, inputs = cache.update(key, self._cacheable_inputs(hidden_states), self.layer_idx)
         elif cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+            key, value = cache.update(key, as_values(value), self.layer_idx)
 
         # z_i[s] = sum_t A_h(i)[s, t] v_i[t] (one attention per QK group with value width g) and the TopK selection
         # weighted by the decoder norms: z [N, n_ov] (head i = group * g + j), the kept activations and their

@@ -17,6 +17,8 @@ from transformers import DynamicCache
 
 from lorsa_hf import LorsaConfig
 from lorsa_hf._sparse import (
+    ValueProjection,
+    as_values,
     dense_attention_top_k,
     project_queries_keys_values,
     reference_projections,
@@ -77,9 +79,11 @@ def assert_same_path_results(sparse, dense, x, top_k=None, atol=1e-5, rtol=1e-4)
     return out_s, grads_s
 
 
+@pytest.mark.parametrize("backward_from", ["inputs", "values"])
 @pytest.mark.parametrize("activation", ["topk_abs", "topk_relu"])
 @pytest.mark.parametrize("case", ["plain", "ties", "k_equals_n_ov"])
-def test_sparse_equals_dense_outputs_activations_and_every_gradient(activation, case):
+def test_sparse_equals_dense_outputs_activations_and_every_gradient(monkeypatch, activation, case, backward_from):
+    monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_FROM_INPUTS", backward_from == "inputs")
     sparse, dense = lorsa_pair(activation, ties=case == "ties")
     x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
     top_k = 128 if case == "k_equals_n_ov" else None
@@ -195,6 +199,54 @@ def test_blocked_attention_and_selection_equal_the_reference(monkeypatch, length
         torch.testing.assert_close(blocked, reference, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("mask_form", ["none", "padding_2d", "additive_4d", "boolean_4d", "bidirectional"])
+@pytest.mark.parametrize("uses", ["values", "z_and_values"])
+@pytest.mark.parametrize("activation", ["topk_abs", "topk_relu"])
+@pytest.mark.parametrize("backward_from", ["inputs", "values"])
+def test_attention_over_projected_values_equals_the_reference(monkeypatch, mask_form, uses, activation, backward_from):
+    """v handed over as the `ValueProjection` that computes it: the node projects v itself and its backward reaches
+    x, W_V and b_V either through v or through x (softmax rows sum to one). z, the kept activations and the
+    gradients of q, k, x, W_V and b_V equal the reference's in float64, with blocks of 4 rows, one or two heads
+    at a time, padded rows that see no key, and a loss on the kept activations or on z too."""
+    monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_FROM_INPUTS", backward_from == "inputs")
+    monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
+    monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_CHUNK_ELEMENTS", 4 * 24)
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    query, key, x = tensor(2, 3, 23, 8), tensor(2, 3, 23, 8), tensor(2, 23, 16)
+    W_V, b_V, W_O = tensor(72, 16), tensor(72), tensor(72, 16).detach()
+    mask = _attention_masks(2, 23, 23)[mask_form]
+    results = []
+    for attend, value in (
+        (sparse_attention_top_k, ValueProjection(x, W_V, b_V, 3)),
+        (dense_attention_top_k, as_values(ValueProjection(x, W_V, b_V, 3))),
+    ):
+        z, values, indices = attend(query, key, value, mask, 0.3, W_O, 5, activation)
+        activations = torch.zeros_like(z).scatter(-1, indices, values)
+        weights = torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z)
+        loss = (activations * weights.flip(-1)).sum() + ((z * weights).sum() if uses == "z_and_values" else 0.0)
+        results.append((z, activations, *torch.autograd.grad(loss, (query, key, x, W_V, b_V))))
+    for projected, reference in zip(*results, strict=True):
+        torch.testing.assert_close(projected, reference, atol=1e-12, rtol=1e-10)
+
+
+def test_backward_from_inputs_where_it_is_cheaper():
+    """The cost model picks, for the benchmark's layer sizes at their sequence lengths under a causal mask (blocks
+    of 64 rows), the backward from x where g is large next to the keys and d, and from v otherwise."""
+    from lorsa_hf._sparse import _backward_from_inputs, _query_blocks
+
+    def blocks(length: int):
+        return _query_blocks(torch.ones(length, length, dtype=torch.bool).tril()[None, None], length, length)
+
+    assert not _backward_from_inputs(blocks(256), 256, group_size=128, d=768, input_gradient=False)  # Pythia-160M
+    assert _backward_from_inputs(blocks(256), 256, group_size=512, d=576, input_gradient=False)  # SmolLM2-135M
+    assert _backward_from_inputs(blocks(64), 64, group_size=1024, d=4096, input_gradient=False)  # Llama-3.1-8B
+    assert not _backward_from_inputs(blocks(4096), 4096, group_size=1024, d=4096, input_gradient=True)
+
+
 def test_blocked_attention_skips_the_keys_a_causal_block_cannot_see():
     from lorsa_hf._sparse import _query_blocks
 
@@ -208,7 +260,9 @@ def test_blocked_attention_skips_the_keys_a_causal_block_cannot_see():
     assert _query_blocks(None, 1, 300) == [(0, 1, 300, 300)]  # a decode step sees every cached key
 
 
-def test_sparse_equals_dense_over_several_attention_blocks(monkeypatch):
+@pytest.mark.parametrize("backward_from", ["inputs", "values"])
+def test_sparse_equals_dense_over_several_attention_blocks(monkeypatch, backward_from):
+    monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_FROM_INPUTS", backward_from == "inputs")
     monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
     monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_CHUNK_ELEMENTS", 4 * 32 * 3)
     sparse, dense = lorsa_pair("topk_abs")
@@ -231,19 +285,28 @@ def _saved_for_backward(lorsa, x: torch.Tensor) -> list[tuple[int, ...]]:
     return shapes
 
 
-def test_training_forward_keeps_no_attention_pattern_and_no_activations_of_every_head(monkeypatch):
-    """The sparse path keeps q, k, v and the [N, K] selection; the dense one also the [T, S] softmax pattern and
-    [N, n_ov] activations."""
+@pytest.mark.parametrize("backward_from", ["inputs", "values"])
+def test_training_forward_keeps_no_attention_pattern_and_no_activations_of_every_head(monkeypatch, backward_from):
+    """The sparse path keeps q, k, the [N, K] selection and v, or no v when its backward goes through x; the dense
+    one also the [T, S] softmax pattern and [N, n_ov] activations (and v, in the layout its matmuls want)."""
+    monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_FROM_INPUTS", backward_from == "inputs")
     monkeypatch.setattr("lorsa_hf._sparse.ATTENTION_BLOCK_ROWS", 4)
     sparse, dense = lorsa_pair("topk_abs", n_ov_heads=512)
     x = torch.randn(2, 20, 64)
-    tokens, n_ov = 2 * 20, 512
+    tokens, n_ov, n_qk = 2 * 20, 512, 4
 
     def kept(shapes):
-        return {"pattern": any(shape[-2:] == (20, 20) for shape in shapes), "activations": (tokens, n_ov) in shapes}
+        return {
+            "pattern": any(shape[-2:] == (20, 20) for shape in shapes),
+            "activations": (tokens, n_ov) in shapes,
+            "values": (2, n_qk, 20, n_ov // n_qk) in shapes,
+        }
 
-    assert kept(_saved_for_backward(sparse, x)) == {"pattern": False, "activations": False}
-    assert kept(_saved_for_backward(dense, x)) == {"pattern": True, "activations": True}
+    assert kept(_saved_for_backward(sparse, x)) == {
+        "pattern": False, "activations": False, "values": backward_from == "values"
+    }
+    saved_dense = kept(_saved_for_backward(dense, x))
+    assert (saved_dense["pattern"], saved_dense["activations"]) == (True, True)
 
 
 def test_sparse_equals_dense_with_the_fused_attention():
@@ -399,6 +462,8 @@ def test_projections_equal_the_reference_einsums(dtype, seq_len):
     x = tensor(2, seq_len, d)
     expected = reference_projections(x.double(), *(weight.double() for weight in weights))
     actual = project_queries_keys_values(x, *weights)
+    assert isinstance(actual[2], ValueProjection)  # v is projected where it is used: `as_values` computes it
+    actual = (*actual[:2], as_values(actual[2]))
     tolerance = {"rtol": 0, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-2, "atol": 5e-2}
     for result, reference in zip(actual, expected, strict=True):
         assert result.dtype == dtype and result.shape == reference.shape
