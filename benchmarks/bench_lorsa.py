@@ -351,6 +351,8 @@ def model_decode_benchmark(case: Case, recorder: Recorder, repeats: int) -> None
     lorsa = lorsa_for(case, model.config, list(range(case.layers)))
     prompt = torch.randint(0, case.vocab_size, (1, case.decode_context), generator=torch.Generator().manual_seed(0))
     step_token = torch.randint(0, case.vocab_size, (1, 1), generator=torch.Generator().manual_seed(1))
+    # the cache's name in the model's forward and output: `cache` from transformers 5.24, `past_key_values` before
+    model_cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     times: dict[str, list[float]] = {}
     cache_numbers: dict[str, int] = {}
     variants = (("base", None, None), ("sparse", "sparse", "inputs"), ("dense", "dense", "values"))
@@ -360,12 +362,14 @@ def model_decode_benchmark(case: Case, recorder: Recorder, repeats: int) -> None
                 lorsa.config.implementation, lorsa.config.cache_format = implementation, cache_format
                 lorsa.splice(model)
             with torch.no_grad():
-                cache = model(prompt, use_cache=True).past_key_values
-                model(step_token, past_key_values=cache, use_cache=True)  # the first step after a prefill is slow
+                output = model(prompt, use_cache=True)
+                cache = output[model_cache_argument]
+                cached = {model_cache_argument: cache}
+                model(step_token, **cached, use_cache=True)  # the first step after a prefill is slow
                 cache.crop(-1)
                 for _ in range(3):
                     start = time.perf_counter()
-                    model(step_token, past_key_values=cache, use_cache=True)
+                    model(step_token, **cached, use_cache=True)
                     elapsed = time.perf_counter() - start
                     cache.crop(-1)
                     if round_index > 0:

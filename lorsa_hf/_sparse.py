@@ -182,23 +182,31 @@ def _write_or_add_product(
     target[:, end:] = 0.0
 
 
-def _backward_from_inputs(blocks: list[tuple[int, int, int, int]], query_length: int, group_size: int, d: int,
-                          input_gradient: bool) -> bool:
+# a row gathered and added by `embedding_bag` costs about this many multiply-adds of a large matmul (2 CPU cores)
+GATHER_COST = 8
+
+
+def _backward_from_inputs(
+    blocks: list[tuple[int, int, int, int]], query_length: int, group_size: int, d: int, heads: int, top_k: int,
+    input_gradient: bool,
+) -> bool:
     """Whether the backward of attention over values projected in the node is cheaper from x than from v, in
     multiply-adds per token and QK group (S: the keys a query row sees, on average over the blocks):
 
     - from v: dP = dz v^T and dv = P^T dz (2 S g), then dW_V = dv^T x and, for x's gradient, dx = dv W_V (g d each);
     - from x (softmax rows sum to one, as in `input_form_attention`): u = dz W_V over the kept heads only, then
-      dP = u x^T and P x, from which dW_V's kept rows follow (2 S d), and dx = P^T u (S d).
+      dP = u x^T and P x, from which dW_V's kept rows follow (2 S d), and dx = P^T u (S d); the two gathers of
+      K rows of d numbers per token (u, dW_V) are counted at `GATHER_COST` each.
 
-    From x wins where g is large next to S and d: at SmolLM2-135M size (g 512, d 576, S 160) 2.5x fewer, at
-    Llama-3.1-8B size and 64 tokens 8x; at Pythia-160M size (g 128, d 768) from v is 1.8x cheaper. From x also
-    keeps x instead of v for backward. `BACKWARD_FROM_INPUTS` overrides the choice (tests run both)."""
+    From x wins where g is large next to S and d and K is small: at SmolLM2-135M size (g 512, d 576, S 160, K 64)
+    1.8x fewer, at Llama-3.1-8B size and 64 tokens 6.6x; at Pythia-160M size (g 128, d 768) and at SmolLM2 size
+    with K 512 (the start of K annealing) from v is cheaper. From x also keeps x instead of v for backward.
+    `BACKWARD_FROM_INPUTS` overrides the choice (tests run both)."""
     if BACKWARD_FROM_INPUTS is not None:
         return BACKWARD_FROM_INPUTS
     keys = sum((stop - start) * end for start, stop, end, _ in blocks) / query_length
     from_values = 2 * keys * group_size + group_size * d * (1 + input_gradient)
-    from_inputs = keys * d * (2 + input_gradient)
+    from_inputs = keys * d * (2 + input_gradient) + 2 * GATHER_COST * top_k * d / heads
     return from_inputs < from_values
 
 
@@ -513,7 +521,7 @@ def sparse_attention_top_k(
     if projected:  # the node projects v itself where its backward is then cheaper from x
         x = value.hidden_states
         input_gradient = torch.is_grad_enabled() and x.requires_grad
-        if not _backward_from_inputs(blocks, query_length, group_size, x.shape[-1], input_gradient):
+        if not _backward_from_inputs(blocks, query_length, group_size, x.shape[-1], n_qk, top_k, input_gradient):
             value, projected = as_values(value), False
     # one dtype for all three, as autocast would give the matmuls (q and k leave the rotary in float32)
     device_type = query.device.type

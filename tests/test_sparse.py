@@ -235,16 +235,19 @@ def test_attention_over_projected_values_equals_the_reference(monkeypatch, mask_
 
 def test_backward_from_inputs_where_it_is_cheaper():
     """The cost model picks, for the benchmark's layer sizes at their sequence lengths under a causal mask (blocks
-    of 64 rows), the backward from x where g is large next to the keys and d, and from v otherwise."""
+    of 64 rows), the backward through x where g is large next to the keys and d and K is small, and through v
+    otherwise: Pythia's narrow groups, long sequences, and K 512 at the start of K annealing."""
     from lorsa_hf._sparse import _backward_from_inputs, _query_blocks
 
-    def blocks(length: int):
-        return _query_blocks(torch.ones(length, length, dtype=torch.bool).tril()[None, None], length, length)
+    def cheaper_from_inputs(length: int, group_size: int, d: int, heads: int, top_k: int = 64, input_gradient=False):
+        blocks = _query_blocks(torch.ones(length, length, dtype=torch.bool).tril()[None, None], length, length)
+        return _backward_from_inputs(blocks, length, group_size, d, heads, top_k, input_gradient)
 
-    assert not _backward_from_inputs(blocks(256), 256, group_size=128, d=768, input_gradient=False)  # Pythia-160M
-    assert _backward_from_inputs(blocks(256), 256, group_size=512, d=576, input_gradient=False)  # SmolLM2-135M
-    assert _backward_from_inputs(blocks(64), 64, group_size=1024, d=4096, input_gradient=False)  # Llama-3.1-8B
-    assert not _backward_from_inputs(blocks(4096), 4096, group_size=1024, d=4096, input_gradient=True)
+    assert not cheaper_from_inputs(256, group_size=128, d=768, heads=48)  # Pythia-160M
+    assert cheaper_from_inputs(256, group_size=512, d=576, heads=9)  # SmolLM2-135M
+    assert not cheaper_from_inputs(256, group_size=512, d=576, heads=9, top_k=512)
+    assert cheaper_from_inputs(64, group_size=1024, d=4096, heads=32)  # Llama-3.1-8B
+    assert not cheaper_from_inputs(4096, group_size=1024, d=4096, heads=32, input_gradient=True)
 
 
 def test_blocked_attention_skips_the_keys_a_causal_block_cannot_see():
