@@ -449,6 +449,26 @@ def test_bfloat16_autocast_is_close_to_float32_and_trains():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
 
 
+def test_bfloat16_autocast_backward_through_inputs_equals_through_values(monkeypatch):
+    """Under bf16 autocast both backward routes of the projected values give the same gradients, to bf16 precision
+    (float32 weights, bf16 products)."""
+    sparse, _ = lorsa_pair("topk_abs", n_ov_heads=256, top_k=16)
+    x = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(0))
+    gradients = []
+    for from_inputs in (True, False):
+        monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_FROM_INPUTS", from_inputs)
+        sparse.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sparse(x)
+        (out.hidden_states.float().pow(2).mean() + 0.1 * out.top_k_values.float().abs().mean()).backward()
+        gradients.append({name: parameter.grad.clone() for name, parameter in sparse.named_parameters()})
+    for name, through_inputs in gradients[0].items():
+        through_values = gradients[1][name]
+        assert through_inputs.dtype == torch.float32, name
+        scale = through_values.abs().max().item()
+        torch.testing.assert_close(through_inputs, through_values, atol=3e-2 * scale, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("seq_len", [5, 40])
 def test_projections_equal_the_reference_einsums(dtype, seq_len):
