@@ -182,13 +182,16 @@ def _write_or_add_product(
     target[:, end:] = 0.0
 
 
-# a row gathered and added by `embedding_bag` costs about this many multiply-adds of a large matmul (2 CPU cores)
-GATHER_COST = 8
+# what a number of a row gathered and added by `embedding_bag` costs, in multiply-adds of a large matmul: 8 as
+# measured on 2 CPU cores; elsewhere not measured (no GPU was at hand): gathers are bandwidth-bound while a GPU's
+# matmuls run on tensor cores, so a conservative 64 keeps the backward through v unless g is far larger than d
+GATHER_COST = {"cpu": 8}
+GATHER_COST_UNMEASURED = 64
 
 
 def _backward_from_inputs(
     blocks: list[tuple[int, int, int, int]], query_length: int, group_size: int, d: int, heads: int, top_k: int,
-    input_gradient: bool,
+    input_gradient: bool, device_type: str = "cpu",
 ) -> bool:
     """Whether the backward of attention over values projected in the node is cheaper from x than from v, in
     multiply-adds per token and QK group (S: the keys a query row sees, on average over the blocks):
@@ -196,7 +199,7 @@ def _backward_from_inputs(
     - from v: dP = dz v^T and dv = P^T dz (2 S g), then dW_V = dv^T x and, for x's gradient, dx = dv W_V (g d each);
     - from x (softmax rows sum to one, as in `input_form_attention`): u = dz W_V over the kept heads only, then
       dP = u x^T and P x, from which dW_V's kept rows follow (2 S d), and dx = P^T u (S d); the two gathers of
-      K rows of d numbers per token (u, dW_V) are counted at `GATHER_COST` each.
+      K rows of d numbers per token (u, dW_V) are counted at the device's `GATHER_COST` each.
 
     From x wins where g is large next to S and d and K is small: at SmolLM2-135M size (g 512, d 576, S 160, K 64)
     1.8x fewer, at Llama-3.1-8B size and 64 tokens 6.6x; at Pythia-160M size (g 128, d 768) and at SmolLM2 size
@@ -206,7 +209,8 @@ def _backward_from_inputs(
         return BACKWARD_FROM_INPUTS
     keys = sum((stop - start) * end for start, stop, end, _ in blocks) / query_length
     from_values = 2 * keys * group_size + group_size * d * (1 + input_gradient)
-    from_inputs = keys * d * (2 + input_gradient) + 2 * GATHER_COST * top_k * d / heads
+    gather_cost = GATHER_COST.get(device_type, GATHER_COST_UNMEASURED)
+    from_inputs = keys * d * (2 + input_gradient) + 2 * gather_cost * top_k * d / heads
     return from_inputs < from_values
 
 
@@ -521,7 +525,10 @@ def sparse_attention_top_k(
     if projected:  # the node projects v itself where its backward is then cheaper from x
         x = value.hidden_states
         input_gradient = torch.is_grad_enabled() and x.requires_grad
-        if not _backward_from_inputs(blocks, query_length, group_size, x.shape[-1], n_qk, top_k, input_gradient):
+        cheaper = _backward_from_inputs(
+            blocks, query_length, group_size, x.shape[-1], n_qk, top_k, input_gradient, x.device.type
+        )
+        if not cheaper:
             value, projected = as_values(value), False
     # one dtype for all three, as autocast would give the matmuls (q and k leave the rotary in float32)
     device_type = query.device.type

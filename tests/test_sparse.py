@@ -248,6 +248,11 @@ def test_backward_from_inputs_where_it_is_cheaper():
     assert not cheaper_from_inputs(256, group_size=512, d=576, heads=9, top_k=512)
     assert cheaper_from_inputs(64, group_size=1024, d=4096, heads=32)  # Llama-3.1-8B
     assert not cheaper_from_inputs(4096, group_size=1024, d=4096, heads=32, input_gradient=True)
+    # a device whose gather cost was not measured takes the route through v unless g is far larger than d
+    blocks = _query_blocks(torch.ones(256, 256, dtype=torch.bool).tril()[None, None], 256, 256)
+    assert not _backward_from_inputs(blocks, 256, 512, 576, 9, 64, False, device_type="cuda")
+    blocks = _query_blocks(torch.ones(64, 64, dtype=torch.bool).tril()[None, None], 64, 64)
+    assert _backward_from_inputs(blocks, 64, 1024, 4096, 32, 64, False, device_type="cuda")
 
 
 def test_blocked_attention_skips_the_keys_a_causal_block_cannot_see():
