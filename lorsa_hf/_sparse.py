@@ -372,7 +372,8 @@ def _attention_backward_through_inputs(
     (`_backward_from_inputs`), all heads of a block at once, in two passes over the blocks:
 
     1. mixed = P x of each group at every token, from which W_V's gradient follows at the kept heads only
-       (`_projection_gradients`); mixed is freed before the second pass allocates dq and dk.
+       (`_value_weight_gradient`); mixed is freed before the second pass allocates dq and dk. Skipped when W_V
+       needs no gradient (attribution to the input through a frozen Lorsa).
     2. u = dz W_V per group (the W_V rows of the kept heads weighted by their gradient, plus z's own gradient
        when z was used), dP = u x^T (exact up to a constant per row, which the softmax backward cancels), and
        x's gradient P^T u when x needs one."""
@@ -381,15 +382,19 @@ def _attention_backward_through_inputs(
     top_k = indices.shape[-1]
     x = hidden_states.to(dtype)
     d = x.shape[-1]
-    mixed = torch.empty(heads, batch_size, query_length, d, dtype=W_V.dtype, device=x.device)
-    for b in range(batch_size):
-        sequence_mask = _sequence_mask(mask, b)
-        for block in blocks:
-            start, stop, end, _ = block
-            pattern = _block_pattern(query[b], key[b], sequence_mask, block, ctx.scale, ctx.empty_rows)
-            mixed[:, b, start:stop] = torch.matmul(pattern, x[b, :end])
-    grad_W_V, grad_b_V = _projection_gradients(ctx, mixed, grad_z, grad_values, indices, mask, group_size)
-    del mixed, pattern
+    grad_W_V = grad_b_V = None
+    if ctx.needs_input_grad[4]:
+        mixed = torch.empty(heads, batch_size, query_length, d, dtype=W_V.dtype, device=x.device)
+        for b in range(batch_size):
+            sequence_mask = _sequence_mask(mask, b)
+            for block in blocks:
+                start, stop, end, _ = block
+                pattern = _block_pattern(query[b], key[b], sequence_mask, block, ctx.scale, ctx.empty_rows)
+                mixed[:, b, start:stop] = torch.matmul(pattern, x[b, :end])
+        grad_W_V = _value_weight_gradient(mixed, grad_z, grad_values, indices, group_size)
+        del mixed, pattern
+    if ctx.needs_input_grad[5]:
+        grad_b_V = _value_bias_gradient(ctx, grad_z, grad_values, indices, mask, batch_size, heads * group_size)
 
     grad_query, grad_key = torch.empty_like(query), torch.empty_like(key)
     grad_x = torch.zeros_like(x) if ctx.needs_input_grad[3] else None
@@ -426,40 +431,46 @@ def _attention_backward_through_inputs(
     return grad_query, grad_key, None, grad_x, grad_W_V, grad_b_V, *[None] * 7
 
 
-def _projection_gradients(
-    ctx, mixed: torch.Tensor, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None, indices: torch.Tensor,
-    mask: torch.Tensor | None, group_size: int,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dW_V [n_ov, d] and db_V [n_ov] of `_BlockedSparseAttention`'s backward from x: z_i[t] = mixed_h(i)[t] . W_V[i]
-    + b_V[i] rowsum(P[t]), where mixed [H, B, T, d] holds P x of each group. Row i of dW_V sums dz[t, i] mixed[t]
-    over the tokens that kept head i (plus z's own gradient, densely, when z was used)."""
+def _value_weight_gradient(
+    mixed: torch.Tensor, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None, indices: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """dW_V [n_ov, d] of `_BlockedSparseAttention`'s backward through x: z_i[t] = mixed_h(i)[t] . W_V[i] + ..., where
+    mixed [H, B, T, d] holds P x of each group. Row i sums dz[t, i] mixed_h(i)[t] over the tokens that kept head i
+    (plus z's own gradient, densely, when z was used)."""
     heads, batch_size, query_length, d = mixed.shape
     num_tokens, top_k = indices.shape
     n_ov = heads * group_size
-    # rowsum(P[t]): one, or zero for query rows that see no key
-    seen = torch.ones(num_tokens, dtype=mixed.dtype, device=mixed.device)
+    if grad_values is not None:
+        heads_kept = indices.reshape(-1)
+        tokens = torch.arange(num_tokens, device=mixed.device).repeat_interleave(top_k)
+        entries = (heads_kept // group_size) * num_tokens + tokens
+        grad_W_V = _bag_sum(mixed.view(-1, d), entries, heads_kept, grad_values.reshape(-1), n_ov)
+    else:
+        grad_W_V = torch.zeros(n_ov, d, dtype=mixed.dtype, device=mixed.device)
+    if grad_z is not None:
+        grad_z_by_group = grad_z.view(num_tokens, heads, group_size).permute(1, 2, 0).to(mixed.dtype)
+        grad_W_V += torch.bmm(grad_z_by_group, mixed.view(heads, num_tokens, d)).view(n_ov, d)
+    return grad_W_V
+
+
+def _value_bias_gradient(
+    ctx, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None, indices: torch.Tensor,
+    mask: torch.Tensor | None, batch_size: int, n_ov: int,
+) -> torch.Tensor:
+    """db_V [n_ov] of `_BlockedSparseAttention`'s backward through x: z_i[t] = ... + b_V[i] rowsum(P[t]), and a
+    softmax row sums to one, or to zero for a query row that sees no key."""
+    num_tokens = indices.shape[0]
+    seen = torch.ones(num_tokens, dtype=torch.float32, device=indices.device)
     if ctx.empty_rows:
-        seen = mask.any(-1).expand(batch_size, 1, query_length).reshape(-1).to(mixed.dtype)
-    grad_W_V = grad_b_V = None
-    if ctx.needs_input_grad[4]:
-        if grad_values is not None:
-            heads_kept = indices.reshape(-1)
-            tokens = torch.arange(num_tokens, device=mixed.device).repeat_interleave(top_k)
-            entries = (heads_kept // group_size) * num_tokens + tokens
-            grad_W_V = _bag_sum(mixed.view(-1, d), entries, heads_kept, grad_values.reshape(-1), n_ov)
-        else:
-            grad_W_V = torch.zeros(n_ov, d, dtype=mixed.dtype, device=mixed.device)
-        if grad_z is not None:
-            grad_z_by_group = grad_z.view(num_tokens, heads, group_size).permute(1, 2, 0).to(mixed.dtype)
-            grad_W_V += torch.bmm(grad_z_by_group, mixed.view(heads, num_tokens, d)).view(n_ov, d)
-    if ctx.needs_input_grad[5]:
-        grad_b_V = torch.zeros(n_ov, dtype=mixed.dtype, device=mixed.device)
-        if grad_values is not None:
-            grad_b_V.index_add_(0, indices.reshape(-1), (grad_values.to(mixed.dtype) * seen[:, None]).reshape(-1))
-        if grad_z is not None:
-            grad_b_V += (grad_z.to(mixed.dtype) * seen[:, None]).sum(0)
-        grad_b_V = grad_b_V.to(ctx.b_V_dtype)
-    return grad_W_V, grad_b_V
+        seen = mask.any(-1).expand(batch_size, 1, num_tokens // batch_size).reshape(-1).to(seen.dtype)
+    dtype = torch.promote_types(ctx.b_V_dtype, torch.float32)
+    grad_b_V = torch.zeros(n_ov, dtype=dtype, device=indices.device)
+    if grad_values is not None:
+        grad_b_V.index_add_(0, indices.reshape(-1), (grad_values.to(dtype) * seen[:, None]).reshape(-1))
+    if grad_z is not None:
+        grad_b_V += (grad_z.to(dtype) * seen[:, None]).sum(0)
+    return grad_b_V.to(ctx.b_V_dtype)
 
 
 def select_from_groups(

@@ -233,6 +233,26 @@ def test_attention_over_projected_values_equals_the_reference(monkeypatch, mask_
         torch.testing.assert_close(projected, reference, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backward_from", ["inputs", "values"])
+@pytest.mark.parametrize("frozen", ["everything", "W_V"])
+def test_gradients_through_a_partly_frozen_lorsa_equal_the_reference(monkeypatch, backward_from, frozen):
+    """Attribution through a frozen Lorsa (gradient for the input only) and a frozen W_V: whatever still wants a
+    gradient gets the reference's."""
+    monkeypatch.setattr("lorsa_hf._sparse.BACKWARD_FROM_INPUTS", backward_from == "inputs")
+    results = []
+    for lorsa in lorsa_pair("topk_abs"):
+        for name, parameter in lorsa.named_parameters():
+            parameter.requires_grad_(frozen == "W_V" and not name.endswith("W_V"))
+        x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        out = lorsa(x)
+        (out.hidden_states.pow(2).sum() + out.top_k_values.abs().sum()).backward()
+        results.append([x.grad] + [p.grad for p in lorsa.parameters() if p.requires_grad])
+    assert len(results[0]) == (1 if frozen == "everything" else 8)
+    for sparse_gradient, dense_gradient in zip(*results, strict=True):
+        scale = dense_gradient.abs().max().item()
+        torch.testing.assert_close(sparse_gradient, dense_gradient, atol=1e-5 * scale, rtol=1e-4)
+
+
 def test_backward_from_inputs_where_it_is_cheaper():
     """The cost model picks, for the benchmark's layer sizes at their sequence lengths under a causal mask (blocks
     of 64 rows), the backward through x where g is large next to the keys and d and K is small, and through v
