@@ -511,7 +511,8 @@ def sparse_attention_top_k(
       chunks and keys longer than 2 g.
     - Otherwise `_BlockedSparseAttention`: batched matmuls over blocks of query rows, each against the keys its
       mask lets it see (62.5% of the T x S work at T = 256 under a causal mask), with the selection in the same
-      node, and the V projection too when v comes as a `ValueProjection`.
+      node, and the V projection too when v comes as a `ValueProjection` and the backward is cheaper through x
+      (`_backward_from_inputs`).
     """
     batch_size, n_qk, query_length, d_qk = query.shape
     projected = isinstance(value, ValueProjection)
