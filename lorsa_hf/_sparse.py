@@ -283,10 +283,12 @@ class _BlockedSparseAttention(torch.autograd.Function):
         values, indices = values.view(-1, top_k), indices.view(-1, top_k)
         if grad_values is not None and ctx.relu:
             grad_values = grad_values * (values > 0)
+        # gradients of (query, key, value, hidden_states, W_V, b_V); none for the mask and the settings after it
         if value is None:
-            return _attention_backward_through_inputs(
+            grad_query, grad_key, *projection = _attention_backward_through_inputs(
                 ctx, query, key, hidden_states, W_V, mask, indices, grad_z, grad_values
             )
+            return grad_query, grad_key, None, *projection, *[None] * 7
         gradients = _attention_backward_through_values(ctx, query, key, value, mask, indices, grad_z, grad_values)
         return *gradients, *[None] * 10
 
@@ -367,8 +369,8 @@ def _query_key_gradients(
 def _attention_backward_through_inputs(
     ctx, query: torch.Tensor, key: torch.Tensor, hidden_states: torch.Tensor, W_V: torch.Tensor,
     mask: torch.Tensor | None, indices: torch.Tensor, grad_z: torch.Tensor | None, grad_values: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, ...]:
-    """The gradients of `_BlockedSparseAttention`'s inputs when it projected v itself, through x rather than v
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """dq, dk, dx, dW_V, db_V of `_BlockedSparseAttention` when it projected v itself, through x rather than v
     (`_backward_from_inputs`), all heads of a block at once, in two passes over the blocks:
 
     1. mixed = P x of each group at every token, from which W_V's gradient follows at the kept heads only
@@ -428,7 +430,7 @@ def _attention_backward_through_inputs(
             _query_key_gradients(grad_query[b], grad_key[b], grad_logits, query[b], key[b], block, first, ctx.scale)
     if grad_x is not None:
         grad_x = grad_x.to(hidden_states.dtype)
-    return grad_query, grad_key, None, grad_x, grad_W_V, grad_b_V, *[None] * 7
+    return grad_query, grad_key, grad_x, grad_W_V, grad_b_V
 
 
 def _value_weight_gradient(
@@ -438,7 +440,7 @@ def _value_weight_gradient(
     """dW_V [n_ov, d] of `_BlockedSparseAttention`'s backward through x: z_i[t] = mixed_h(i)[t] . W_V[i] + ..., where
     mixed [H, B, T, d] holds P x of each group. Row i sums dz[t, i] mixed_h(i)[t] over the tokens that kept head i
     (plus z's own gradient, densely, when z was used)."""
-    heads, batch_size, query_length, d = mixed.shape
+    heads, d = mixed.shape[0], mixed.shape[-1]
     num_tokens, top_k = indices.shape
     n_ov = heads * group_size
     if grad_values is not None:

@@ -117,16 +117,18 @@ def test_decoder_norms_kept_for_inference_follow_in_place_updates():
     assert torch.equal(selected_sparse.sort(-1).values, selected_dense.sort(-1).values)
 
 
-def _attend_and_select(attend, query, key, value, mask, W_O, uses: str, top_k: int = 5):
-    """z, the kept activations scattered into [N, n_ov], and the gradients of q, k, v for a loss on the kept
-    activations (as in training) or on both them and z (as the auxiliary dead-head loss adds)."""
-    z, values, indices = attend(query, key, value, mask, 0.3, W_O, top_k, "topk_abs")
+def _attend_and_select(
+    attend, query, key, value, mask, W_O, uses: str, top_k: int = 5, activation: str = "topk_abs", inputs=None
+):
+    """z, the kept activations scattered into [N, n_ov], and the gradients of `inputs` (default q, k, v) for a
+    loss on the kept activations (as in training) or on both them and z (as the auxiliary dead-head loss adds)."""
+    z, values, indices = attend(query, key, value, mask, 0.3, W_O, top_k, activation)
     activations = torch.zeros_like(z).scatter(-1, indices, values)
     weights = torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z)
     loss = (activations * weights.flip(-1)).sum()
     if uses == "z_and_values":
         loss = loss + (z * weights).sum()
-    return (z, activations, *torch.autograd.grad(loss, (query, key, value)))
+    return (z, activations, *torch.autograd.grad(loss, inputs or (query, key, value)))
 
 
 @pytest.mark.parametrize("uses", ["values", "z_and_values"])
@@ -219,16 +221,14 @@ def test_attention_over_projected_values_equals_the_reference(monkeypatch, mask_
     query, key, x = tensor(2, 3, 23, 8), tensor(2, 3, 23, 8), tensor(2, 23, 16)
     W_V, b_V, W_O = tensor(72, 16), tensor(72), tensor(72, 16).detach()
     mask = _attention_masks(2, 23, 23)[mask_form]
-    results = []
-    for attend, value in (
-        (sparse_attention_top_k, ValueProjection(x, W_V, b_V, 3)),
-        (dense_attention_top_k, as_values(ValueProjection(x, W_V, b_V, 3))),
-    ):
-        z, values, indices = attend(query, key, value, mask, 0.3, W_O, 5, activation)
-        activations = torch.zeros_like(z).scatter(-1, indices, values)
-        weights = torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z)
-        loss = (activations * weights.flip(-1)).sum() + ((z * weights).sum() if uses == "z_and_values" else 0.0)
-        results.append((z, activations, *torch.autograd.grad(loss, (query, key, x, W_V, b_V))))
+    results = [
+        _attend_and_select(attend, query, key, value, mask, W_O, uses, activation=activation,
+                           inputs=(query, key, x, W_V, b_V))
+        for attend, value in (
+            (sparse_attention_top_k, ValueProjection(x, W_V, b_V, 3)),
+            (dense_attention_top_k, as_values(ValueProjection(x, W_V, b_V, 3))),
+        )
+    ]
     for projected, reference in zip(*results, strict=True):
         torch.testing.assert_close(projected, reference, atol=1e-12, rtol=1e-10)
 
@@ -259,9 +259,11 @@ def test_backward_from_inputs_where_it_is_cheaper():
     otherwise: Pythia's narrow groups, long sequences, and K 512 at the start of K annealing."""
     from lorsa_hf._sparse import _backward_from_inputs, _query_blocks
 
-    def cheaper_from_inputs(length: int, group_size: int, d: int, heads: int, top_k: int = 64, input_gradient=False):
+    def cheaper_from_inputs(
+        length: int, group_size: int, d: int, heads: int, top_k: int = 64, input_gradient=False, device_type="cpu"
+    ):
         blocks = _query_blocks(torch.ones(length, length, dtype=torch.bool).tril()[None, None], length, length)
-        return _backward_from_inputs(blocks, length, group_size, d, heads, top_k, input_gradient)
+        return _backward_from_inputs(blocks, length, group_size, d, heads, top_k, input_gradient, device_type)
 
     assert not cheaper_from_inputs(256, group_size=128, d=768, heads=48)  # Pythia-160M
     assert cheaper_from_inputs(256, group_size=512, d=576, heads=9)  # SmolLM2-135M
@@ -269,10 +271,8 @@ def test_backward_from_inputs_where_it_is_cheaper():
     assert cheaper_from_inputs(64, group_size=1024, d=4096, heads=32)  # Llama-3.1-8B
     assert not cheaper_from_inputs(4096, group_size=1024, d=4096, heads=32, input_gradient=True)
     # a device whose gather cost was not measured takes the route through v unless g is far larger than d
-    blocks = _query_blocks(torch.ones(256, 256, dtype=torch.bool).tril()[None, None], 256, 256)
-    assert not _backward_from_inputs(blocks, 256, 512, 576, 9, 64, False, device_type="cuda")
-    blocks = _query_blocks(torch.ones(64, 64, dtype=torch.bool).tril()[None, None], 64, 64)
-    assert _backward_from_inputs(blocks, 64, 1024, 4096, 32, 64, False, device_type="cuda")
+    assert not cheaper_from_inputs(256, group_size=512, d=576, heads=9, device_type="cuda")
+    assert cheaper_from_inputs(64, group_size=1024, d=4096, heads=32, device_type="cuda")
 
 
 def test_blocked_attention_skips_the_keys_a_causal_block_cannot_see():
