@@ -1,14 +1,8 @@
-"""Training Lorsas (LORSA.md section 3): activation source, trainer, initialisations, checkpoints, recipes."""
+"""Training Lorsas (LORSA.md section 3): text and packing, activation source, trainer, initialisations,
+checkpoints, recipes."""
 
-from .activations import (
-    ActivationSource,
-    FileTextSource,
-    HFDatasetSource,
-    ListTextSource,
-    PackerState,
-    SequencePacker,
-    TextSource,
-)
+from .activations import ActivationSource
+from .data import FileTextSource, HFDatasetSource, ListTextSource, PackerState, SequencePacker, TextSource
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .trainer import LorsaTrainer, train_from_recipe
 

@@ -5,6 +5,7 @@ written its part into a staging folder beside it; a run killed while saving leav
 which the next save removes. The folder holds the Lorsa weights (`lorsa/`, a normal `LorsaForReplacement`
 folder), `trainer_state.json` (step, tokens, data position, recipe), `dead_tracker.safetensors`, and one
 `training_state-rank{r}.pt` per process whose optimizer/scheduler state differs from the others'.
+A run resumes only with a recipe that gives the same weights (`check_resumable`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from .._io import atomic_write_text
+from .._io import atomic_save_directory, atomic_write_text
+from ..modeling_lorsa import LorsaForReplacement
+from .data import PackerState
+from .recipe import Recipe, RecipeError
+
+# Recipe keys that may change when a run is resumed: they do not affect the weights.
+RESUMABLE_CHANGES = {
+    "output_dir", "training.eval_every", "training.eval_sequences", "training.checkpoint_every",
+    "training.keep_checkpoints", "training.log_every", "training.loggers", "training.progress_bar",
+    "model.cache_dir", "model.attn_implementation",
+}
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -99,7 +112,102 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trainer_state(step: int, recipe: Recipe, world_size: int, packer_state: PackerState) -> dict[str, Any]:
+    """`trainer_state.json`: where the run stands, and the recipe it must resume with."""
+    return {
+        "step": step,
+        "tokens": step * recipe.tokens_per_step,
+        "total_steps": recipe.total_steps,
+        "data": packer_state.to_dict(),
+        "world_size": world_size,
+        "distribute": recipe.training.distribute,
+        "recipe": recipe.to_dict(),
+    }
+
+
+def write_main_files(
+    folder: Path, lorsa: LorsaForReplacement, trainer_state: dict[str, Any], tokens_since_fired: torch.Tensor
+) -> None:
+    """What the main process writes into a checkpoint: weights, trainer state, dead-head tracker."""
+    lorsa.save_pretrained(folder / "lorsa")
+    write_json_atomic(folder / "trainer_state.json", trainer_state)
+    save_file({"tokens_since_fired": tokens_since_fired}, str(folder / "dead_tracker.safetensors"))
+
+
+def write_training_state(
+    folder: Path, rank: int, optimizer_state: dict[str, Any], scheduler_state: dict[str, Any]
+) -> None:
+    """A process's optimizer and scheduler state, with the RNG state at this moment."""
+    state = {"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()}
+    torch.save(state, folder / f"training_state-rank{rank}.pt")
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def read_weights(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a checkpoint's Lorsa weights (a process reads only the layers it trains)."""
+    with safe_open(str(folder / "lorsa" / "model.safetensors"), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in names}
+
+
+def read_training_state(folder: Path, rank: int) -> dict[str, Any]:
+    return torch.load(folder / f"training_state-rank{rank}.pt", weights_only=True, map_location="cpu")
+
+
+def read_dead_tracker(folder: Path) -> torch.Tensor:
+    return load_file(str(folder / "dead_tracker.safetensors"))["tokens_since_fired"]
+
+
+def check_resumable(state: dict[str, Any], recipe: Recipe, world_size: int) -> None:
+    """Refuse a checkpoint written in another mode, by another number of layer-owning processes, or with a
+    recipe that changes the weights."""
+    mode = recipe.training.distribute
+    if state["world_size"] != world_size and mode == "layers":
+        raise RecipeError(
+            f"The checkpoint was written by {state['world_size']} processes in {state['distribute']!r} mode; "
+            f"resume it with the same number of processes (got {world_size})."
+        )
+    if state["distribute"] != mode:
+        raise RecipeError(f"The checkpoint was written in {state['distribute']!r} mode, this run is {mode!r}.")
+    old, new = flatten_recipe(state["recipe"]), flatten_recipe(recipe.to_dict())
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise RecipeError(f"Cannot resume with a different recipe ({details}); the weights would not match.")
+
+
+def flatten_recipe(values: dict[str, Any], prefix: str = "", scalars_only: bool = False) -> dict[str, Any]:
+    """`section.key` -> value; with `scalars_only`, other values as strings (what trackers accept)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "lorsa":
+            flat.update(flatten_recipe(value, f"{name}.", scalars_only))
+        elif isinstance(value, dict):
+            for sub, item in value.items():
+                keep = not scalars_only or isinstance(item, (int, float, str, bool))
+                flat[f"{name}.{sub}"] = item if keep else str(item)
+        elif scalars_only and not isinstance(value, (int, float, str, bool)):
+            flat[name] = str(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def save_final_folder(folder: Path, lorsa: LorsaForReplacement, recipe: Recipe, metrics: dict[str, Any]) -> None:
+    """`final/`: a `LorsaForReplacement` folder plus `training_recipe.json` and `final_metrics.json`, in place
+    in one rename."""
+    with atomic_save_directory(folder) as staging:
+        lorsa.save_pretrained(staging)
+        write_json_atomic(Path(staging) / "training_recipe.json", recipe.to_dict())
+        write_json_atomic(Path(staging) / "final_metrics.json", metrics)
+
+
 __all__ = [
-    "checkpoint_name", "latest_checkpoint", "list_checkpoints", "rng_state", "save_checkpoint", "set_rng_state",
-    "write_json_atomic",
+    "RESUMABLE_CHANGES", "check_resumable", "checkpoint_name", "flatten_recipe", "latest_checkpoint",
+    "list_checkpoints", "read_dead_tracker", "read_trainer_state", "read_training_state", "read_weights",
+    "rng_state", "save_checkpoint", "save_final_folder", "set_rng_state", "trainer_state", "write_json_atomic",
+    "write_main_files", "write_training_state",
 ]

@@ -2,28 +2,23 @@
 
 A recipe has the sections `model`, `data`, `lorsa`, `init`, `training` and the top-level keys `name` and
 `output_dir`. `lorsa` holds `LorsaConfig` fields (`layers`, `n_ov_heads`, `top_k`, ...); everything the Lorsa
-config does not say comes from the base model (`LorsaConfig.from_base_config`). Command-line overrides are
+section does not set comes from the base model (`LorsaConfig.from_base_config`). Command-line overrides are
 `section.key=value` strings whose value is parsed as YAML (`training.lr=1e-3`, `lorsa.layers=[3,4]`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be run; the message names the key and what it must be."""
+from ._schema import RecipeError, build_section, check_type, unknown_key
 
 
 @dataclass
@@ -64,6 +59,36 @@ class DataSection:
     pack: bool = True
     """Concatenate documents (separated by EOS) and cut fixed-length rows; otherwise one padded row per document."""
     prepend_bos: bool = True
+
+
+@dataclass
+class LorsaSection:
+    """The Lorsa to train: `LorsaConfig` fields. Unset (None) fields come from the base model
+    (`LorsaConfig.from_base_config`) or keep `LorsaConfig`'s default."""
+
+    layers: list[int] | None = None
+    """Base-model layer(s) whose attention the Lorsa replaces (required; one index is read as a list)."""
+    n_ov_heads: int | None = None
+    n_qk_heads: int | None = None
+    d_qk_head: int | None = None
+    top_k: int | None = None
+    activation: Literal["topk_abs", "topk_relu"] | None = None
+    attn_scale: float | None = None
+    rotary_dim: int | None = None
+    rotary_adjacent_pairs: bool | None = None
+    use_qk_norm: bool | None = None
+    qk_norm_eps: float | None = None
+    initializer_range: float | None = None
+    implementation: Literal["sparse", "dense"] | None = None
+    cache_format: Literal["values", "inputs", "auto"] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields the recipe sets, in field order."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def config_overrides(self) -> dict[str, Any]:
+        """Keyword arguments for `LorsaConfig.from_base_config` besides `layers`."""
+        return {k: v for k, v in self.to_dict().items() if k != "layers"}
 
 
 @dataclass
@@ -130,12 +155,14 @@ class Recipe:
     output_dir: str = "runs/lorsa"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    lorsa: dict[str, Any] = field(default_factory=dict)
+    lorsa: LorsaSection = field(default_factory=LorsaSection)
     init: InitSection = field(default_factory=InitSection)
     training: TrainingSection = field(default_factory=TrainingSection)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["lorsa"] = self.lorsa.to_dict()
+        return values
 
     @property
     def tokens_per_step(self) -> int:
@@ -148,116 +175,40 @@ class Recipe:
         return math.ceil(self.training.total_tokens / self.tokens_per_step)
 
 
-def _lorsa_config_fields() -> set[str]:
-    from ..configuration_lorsa import LorsaConfig
-
-    own = vars(LorsaConfig).get("__annotations__", {})
-    return {name for name in own if not name.startswith("_") and name not in _NOT_RECIPE_FIELDS}
-
-
-# Fields of LorsaConfig that come from the base model or from transformers, not from a recipe.
-_NOT_RECIPE_FIELDS = {
-    "base_model_name_or_path", "base_model_revision", "base_model_type", "hidden_size", "num_hidden_layers",
-    "base_num_attention_heads", "base_num_key_value_heads", "base_head_dim", "max_position_embeddings",
-    "model_type", "rope_parameters",
-}
-
-
-def _unknown_key(where: str, key: str, valid: list[str]) -> RecipeError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return RecipeError(f"Unknown recipe key '{where}{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}.")
-
-
-def _check_type(path: str, value: Any, annotation: Any) -> Any:
-    """Check (and lightly coerce: int -> float, tuple -> list) `value` against a dataclass field annotation."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _check_type(path, value, option)
-            except RecipeError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"Recipe key {path} must be one of {list(args)}, got {value!r}.")
-        return value
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise RecipeError(f"Recipe key {path} must be a list, got {value!r}.")
-        return [_check_type(f"{path}[{i}]", item, args[0]) for i, item in enumerate(value)]
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"Recipe key {path} must be a number, got {value!r}.")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise RecipeError(f"Recipe key {path} must be an integer, got {value!r}.")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"Recipe key {path} must be true or false, got {value!r}.")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"Recipe key {path} must be a string, got {value!r}.")
-        return value
-    return value
-
-
-def _build_section(cls: type, values: Any, where: str) -> Any:
-    if not isinstance(values, dict):
-        raise RecipeError(f"Recipe section {where.rstrip('.')!r} must be a mapping of keys to values, got {values!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            raise _unknown_key(where, key, names)
-        kwargs[key] = _check_type(f"{where}{key}", value, hints[key])
-    return cls(**kwargs)
-
-
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     """Build and validate a recipe from nested dicts (what a YAML/TOML file parses to)."""
     if not isinstance(values, dict):
         raise RecipeError(f"A recipe must be a mapping of sections, got {type(values).__name__}.")
-    sections = {"model": ModelSection, "data": DataSection, "init": InitSection, "training": TrainingSection}
+    sections = {
+        "model": ModelSection, "data": DataSection, "lorsa": LorsaSection, "init": InitSection,
+        "training": TrainingSection,
+    }
     top = [f.name for f in dataclasses.fields(Recipe)]
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in top:
-            raise _unknown_key("", key, top)
+            raise unknown_key("", key, top)
+        if key == "lorsa":
+            value = _lorsa_layers(value or {})
         if key in sections:
-            kwargs[key] = _build_section(sections[key], value or {}, f"{key}.")
-        elif key == "lorsa":
-            value = value or {}
-            if not isinstance(value, dict):
-                raise RecipeError(f"Recipe section 'lorsa' must be a mapping of LorsaConfig fields, got {value!r}.")
-            valid = sorted(_lorsa_config_fields())
-            for name in value:
-                if name not in valid:
-                    raise _unknown_key("lorsa.", name, valid)
-            kwargs[key] = dict(value)
+            kwargs[key] = build_section(sections[key], value or {}, f"{key}.")
         else:
-            kwargs[key] = _check_type(key, value, str)
+            kwargs[key] = check_type(key, value, str)
     recipe = Recipe(**kwargs)
     _validate(recipe)
     return recipe
+
+
+def _lorsa_layers(values: Any) -> Any:
+    """The `lorsa` section with `layers` as a list (one index is read as a list of one)."""
+    if not isinstance(values, dict) or "layers" not in values:
+        return values
+    layers = values["layers"]
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return {**values, "layers": [layers]}
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
+        raise RecipeError(f"lorsa.layers must be a layer index or a non-empty list of them, got {layers!r}.")
+    return values
 
 
 def _validate(recipe: Recipe) -> None:
@@ -291,13 +242,7 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("data.source is 'hf': set data.path to a Hub dataset id or a local dataset folder.")
     if data.source == "files" and not data.files:
         raise RecipeError("data.source is 'files': list the .txt/.jsonl files in data.files.")
-    if "layers" in recipe.lorsa:
-        layers = recipe.lorsa["layers"]
-        if isinstance(layers, int):
-            recipe.lorsa["layers"] = [layers]
-        elif not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
-            raise RecipeError(f"lorsa.layers must be a layer index or a non-empty list of them, got {layers!r}.")
-    else:
+    if recipe.lorsa.layers is None:
         raise RecipeError("Set lorsa.layers: the base-model layer(s) whose attention the Lorsa replaces.")
 
 
@@ -366,6 +311,6 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
 
 
 __all__ = [
-    "DataSection", "InitSection", "ModelSection", "Recipe", "RecipeError", "TrainingSection", "apply_overrides",
-    "load_recipe", "recipe_from_dict", "resolve_recipe_path",
+    "DataSection", "InitSection", "LorsaSection", "ModelSection", "Recipe", "RecipeError", "TrainingSection",
+    "apply_overrides", "load_recipe", "recipe_from_dict", "resolve_recipe_path",
 ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
-from lorsa_hf.training.recipe import RecipeError, load_recipe, recipe_from_dict
+from lorsa_hf.configuration_lorsa import LorsaConfig
+from lorsa_hf.training.recipe import LorsaSection, RecipeError, load_recipe, recipe_from_dict
 
 MINIMAL = {"lorsa": {"layers": [0]}, "training": {"max_steps": 10}}
 
@@ -20,8 +23,8 @@ def test_bundled_recipes_validate(name):
 
 def test_pythia_recipe_is_the_paper_era_setup():
     recipe = load_recipe("pythia-160m")
-    assert recipe.lorsa["layers"] == list(range(12))
-    assert (recipe.lorsa["n_ov_heads"], recipe.lorsa["top_k"], recipe.training.clip_grad_norm) == (6144, 64, 0.15)
+    assert recipe.lorsa.layers == list(range(12))
+    assert (recipe.lorsa.n_ov_heads, recipe.lorsa.top_k, recipe.training.clip_grad_norm) == (6144, 64, 0.15)
     assert recipe.training.total_tokens == 800_000_000
     assert load_recipe("llama-3.1-8b").training.distribute == "layers"
 
@@ -29,7 +32,7 @@ def test_pythia_recipe_is_the_paper_era_setup():
 def test_overrides_are_parsed_as_yaml():
     recipe = load_recipe("smollm2-135m", ["training.lr=3e-3", "lorsa.layers=[1, 2]", "data.batch_size=4"])
     assert recipe.training.lr == 3e-3
-    assert recipe.lorsa["layers"] == [1, 2]
+    assert recipe.lorsa.layers == [1, 2]
     assert recipe.data.batch_size == 4
 
 
@@ -47,6 +50,9 @@ def test_overrides_are_parsed_as_yaml():
         ({**MINIMAL, "data": {"batch_size": 0}}, "data.batch_size must be positive"),
         ({**MINIMAL, "init": {"qk": "copy"}}, "init.qk must be one of ['random', 'base']"),
         ({**MINIMAL, "data": "embedded"}, "Recipe section 'data' must be a mapping"),
+        ({**MINIMAL, "lorsa": {"layers": [0], "top_k": "64"}}, "lorsa.top_k must be an integer, got '64'"),
+        ({**MINIMAL, "lorsa": {"layers": [0], "activation": "relu"}}, "lorsa.activation must be one of"),
+        ({**MINIMAL, "lorsa": {"layers": "all"}}, "lorsa.layers must be a layer index or a non-empty list"),
     ],
 )
 def test_invalid_recipes_name_the_problem(values, message):
@@ -60,9 +66,27 @@ def test_yaml_and_toml_files(tmp_path):
     assert load_recipe(tmp_path / "r.yaml").training.lr == 1.0
     (tmp_path / "r.toml").write_text('[lorsa]\nlayers = [2]\n[training]\ntotal_tokens = 1000\n[data]\nbatch_size = 2\n')
     recipe = load_recipe(tmp_path / "r.toml")
-    assert recipe.lorsa["layers"] == [2] and recipe.total_steps == 2  # ceil(1000 / (2 * 256))
+    assert recipe.lorsa.layers == [2] and recipe.total_steps == 2  # ceil(1000 / (2 * 256))
     (tmp_path / "bad.yaml").write_text("training: {max_steps: 10, lr: [}\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
     with pytest.raises(RecipeError, match="bundled recipes"):
         load_recipe("no-such-recipe")
+
+
+def test_lorsa_section_is_typed_and_lists_only_what_it_sets():
+    recipe = recipe_from_dict({"lorsa": {"layers": 3, "top_k": 8, "attn_scale": 4}, "training": {"max_steps": 1}})
+    assert recipe.lorsa == LorsaSection(layers=[3], top_k=8, attn_scale=4.0)
+    assert recipe.to_dict()["lorsa"] == {"layers": [3], "top_k": 8, "attn_scale": 4.0}
+    assert recipe.lorsa.config_overrides() == {"top_k": 8, "attn_scale": 4.0}
+
+
+def test_lorsa_section_has_every_field_a_recipe_may_set():
+    """Every LorsaConfig field except those that describe the base model."""
+    from_base = {
+        "base_model_name_or_path", "base_model_revision", "base_model_type", "hidden_size", "num_hidden_layers",
+        "base_num_attention_heads", "base_num_key_value_heads", "base_head_dim", "max_position_embeddings",
+        "model_type", "rope_parameters",
+    }
+    config_fields = {name for name in vars(LorsaConfig)["__annotations__"] if not name.startswith("_")}
+    assert {f.name for f in dataclasses.fields(LorsaSection)} == config_fields - from_base

@@ -19,7 +19,7 @@ from lorsa_hf import LorsaForReplacement
 from lorsa_hf.cli import main
 from lorsa_hf.training import LorsaTrainer, recipe_from_dict
 from lorsa_hf.training.recipe import RecipeError
-from lorsa_hf.training.trainer import lr_factor, top_k_at
+from lorsa_hf.training.step import aux_loss
 
 from .conftest import tiny_recipe_dict
 
@@ -27,7 +27,6 @@ from .conftest import tiny_recipe_dict
 def test_short_run_lowers_fvu_well_below_start(tiny_files, tmp_path):
     recipe = recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, training={"lr": 3e-2, "max_steps": 40}))
     trainer = LorsaTrainer(recipe)
-    trainer._heldout = trainer._heldout_batches()
     start = trainer.evaluate()
     final = trainer.train()
     assert final["heldout/fvu"] < 0.5 * start["heldout/fvu"], (start["heldout/fvu"], final["heldout/fvu"])
@@ -51,11 +50,10 @@ def test_heldout_metrics_are_computed_as_defined(tiny_files, tmp_path):
     """FVU = sum |y - y_hat|^2 / sum |y - mean y|^2 over non-BOS tokens; L0 = active heads per token."""
     recipe = recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, lorsa={"activation": "topk_relu", "top_k": 48}))
     trainer = LorsaTrainer(recipe)
-    trainer._heldout = trainer._heldout_batches()
     metrics = trainer.evaluate()
     for layer in (0, 1):
         errors, targets, active, fired = [], [], [], torch.zeros(64, dtype=torch.bool)
-        for ids, attention in trainer._heldout:
+        for ids, attention in trainer.heldout:
             acts = trainer.source(ids, attention)[layer]
             mask = ids != trainer.tokenizer.bos_token_id
             with torch.no_grad():
@@ -73,41 +71,29 @@ def test_heldout_metrics_are_computed_as_defined(tiny_files, tmp_path):
     assert metrics[f"heldout/layer{layer}/l0"] < 48  # topk_relu: negative selected activations are zero
 
 
-def test_schedules():
-    recipe = recipe_from_dict(
-        {"lorsa": {"layers": [0]}, "training": {"max_steps": 100, "k_initial": 256, "k_anneal_fraction": 0.1,
-                                                "warmup_fraction": 0.1, "final_lr_fraction": 0.01}}
-    )
-    assert [top_k_at(s, 100, recipe, 16) for s in (0, 5, 10, 99)] == [256, 136, 16, 16]
-    recipe.training.k_anneal = "exponential"
-    assert [top_k_at(s, 100, recipe, 16) for s in (0, 5, 10)] == [256, 64, 16]
-    assert lr_factor(0, 100, recipe) == pytest.approx(0.1) and lr_factor(9, 100, recipe) == pytest.approx(1.0)
-    assert lr_factor(10, 100, recipe) == pytest.approx(1.0) and lr_factor(100, 100, recipe) == pytest.approx(0.01)
-
-
 def test_aux_loss_trains_only_dead_heads_and_freeze_qk(tiny_files, tmp_path):
     values = tiny_recipe_dict(
         tiny_files, tmp_path, training={"aux_loss_coef": 1.0, "k_aux": 8, "max_steps": 3}, init={"freeze_qk": True}
     )
     trainer = LorsaTrainer(recipe_from_dict(values))
-    ids, attention = trainer._heldout_batches()[0]
-    batch = trainer._prepare_batch(ids, attention)
+    ids, attention = trainer.heldout[0]
+    batch = trainer.prepare_batch(ids, attention)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[10:30] = True
-    trainer.tokens_since_fired[0][dead] = trainer.recipe.training.dead_tokens
+    trainer.dead_heads.tokens_since_fired[0][dead] = trainer.recipe.training.dead_tokens
     layer = trainer.lorsa.layer(0)
-    outputs = trainer._forward(batch, top_k=4, with_auxiliary=True)
+    outputs = trainer.forward(batch, top_k=4, with_auxiliary=True)
     prediction, _, _, reconstruction = outputs[0]
     assert reconstruction is not None and outputs[1][3] is None  # layer 1 has no dead heads yet
     mask, target = batch.loss_mask, batch.activations[0].outputs
-    aux = trainer._aux_loss(reconstruction[mask], (prediction - target)[mask], target[mask], int(dead.sum()))
+    error = (prediction - target)[mask]
+    aux = aux_loss(reconstruction[mask], error, target[mask], int(dead.sum()), trainer.k_aux)
     aux.backward()
     assert aux > 0
     rows_with_grad = layer.W_O.grad.abs().sum(-1) > 0
     assert rows_with_grad[dead].any() and not rows_with_grad[~dead].any()
 
     w_q = layer.W_Q.detach().clone()
-    trainer._heldout = trainer._heldout_batches()
     trainer.train()
     assert torch.equal(layer.W_Q, w_q) and not layer.W_Q.requires_grad
 
