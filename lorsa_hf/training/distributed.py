@@ -39,18 +39,18 @@ class SingleProcess:
 
     joint_step = False
     """Whether all layers run in one forward/backward (processes must synchronise); else one at a time."""
+    replicated = True
+    """Whether every process trains every layer (rank 0 speaks for them)."""
 
     def __init__(self, accelerator: Accelerator, layers: list[int]) -> None:
         self.accelerator = accelerator
         self.world_size, self.rank = accelerator.num_processes, accelerator.process_index
         self.layers = list(layers)
         self.owners = self.assign_owners()
-        self.owned = [layer for layer in self.layers if self.owners[layer] == self.rank or self.replicated]
-
-    replicated = True
-    """Whether every process trains every layer (rank 0 speaks for them)."""
+        self.owned = [layer for layer in self.layers if self.replicated or self.owners[layer] == self.rank]
 
     def assign_owners(self) -> dict[int, int]:
+        """Layer -> the process that trains it (or speaks for those that do)."""
         return {layer: 0 for layer in self.layers}
 
     @property
