@@ -50,7 +50,6 @@ def test_mhsa_init_starts_at_lower_fvu_than_random(tiny_files, tmp_path, arch):
     for name, init in (("random", {}), ("mhsa", MHSA)):
         recipe = recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path / name, arch=arch, init=init))
         trainer = LorsaTrainer(recipe)
-        trainer._heldout = trainer._heldout_batches()
         fvu[name] = trainer.evaluate()["heldout/fvu"]
     assert fvu["mhsa"] < 0.75 * fvu["random"], fvu
 
