@@ -62,7 +62,7 @@ def run_tiny_demo(seed: int = 0) -> None:
 def run_demo(output_dir: str | Path = "runs/demo", tokens: int = 81_920, eval_tokens: int = 4_096) -> None:
     """Train a Lorsa on layer 3 of the embedded SmolLM2-135M for `tokens` tokens (MHSA initialisation, the
     bundled `smollm2-135m` recipe), evaluate it on held-out text, and generate with it spliced in."""
-    from .embedded import load_embedded_model
+    from .embedded.model import load_embedded_model
     from .evals import evaluate_lorsa
     from .training import load_recipe, train_from_recipe
 

@@ -46,7 +46,7 @@ def _load_base(
             raise ValueError("Pass the tokenizer along with an already loaded base model (tokenizer=...).")
         name = getattr(base.config, "_name_or_path", "") or type(base).__name__
     elif str(base) == EMBEDDED:
-        from ..embedded import EMBEDDED_MODEL_ID, load_embedded_model
+        from ..embedded.model import EMBEDDED_MODEL_ID, load_embedded_model
 
         base, embedded_tokenizer = load_embedded_model(dtype=dtype)
         tokenizer = tokenizer if tokenizer is not None else embedded_tokenizer
@@ -63,7 +63,7 @@ def _load_base(
 def _heldout_texts(texts: Sequence[str] | None) -> tuple[Sequence[str], str]:
     if texts is not None:
         return texts, "texts given by the caller"
-    from ..embedded import embedded_corpus, embedded_corpus_info
+    from ..embedded.corpus import embedded_corpus, embedded_corpus_info
 
     info = embedded_corpus_info()
     return embedded_corpus("heldout"), f"embedded corpus, held-out split ({info['source']}; {info['heldout_rule']})"
