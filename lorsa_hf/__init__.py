@@ -11,9 +11,11 @@ from typing import Any
 from transformers import AutoConfig, AutoModel
 
 from .configuration_lorsa import LorsaConfig
-from .convert import CheckpointError, ConversionReport, convert_checkpoint
+from .convert import CheckpointError, ConversionReport
+from .convert.converter import convert_checkpoint
+from .loading import load_spliced
 from .modeling_lorsa import LorsaForReplacement, LorsaLayerOutput
-from .splicing import load_spliced, spliced_layers, unsplice
+from .splicing import spliced_layers, unsplice
 
 __version__ = "0.1.0"
 
