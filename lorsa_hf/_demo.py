@@ -62,8 +62,8 @@ def run_tiny_demo(seed: int = 0) -> None:
 def run_demo(output_dir: str | Path = "runs/demo", tokens: int = 81_920, eval_tokens: int = 4_096) -> None:
     """Train a Lorsa on layer 3 of the embedded SmolLM2-135M for `tokens` tokens (MHSA initialisation, the
     bundled `smollm2-135m` recipe), evaluate it on held-out text, and generate with it spliced in."""
-    from .embedded import load_embedded_model
-    from .evals import evaluate_lorsa
+    from .embedded.model import load_embedded_model
+    from .evals import EvalOptions, evaluate_lorsa
     from .training import load_recipe, train_from_recipe
 
     output_dir = Path(output_dir)
@@ -83,10 +83,8 @@ def run_demo(output_dir: str | Path = "runs/demo", tokens: int = 81_920, eval_to
 
     print(f"2/3 evaluating on {eval_tokens:,} held-out tokens -> {output_dir / 'eval'}")
     model, tokenizer = load_embedded_model()
-    results = evaluate_lorsa(
-        model, final, tokenizer=tokenizer, tasks=None, n_tokens=eval_tokens, mean_tokens=eval_tokens // 4,
-        output_dir=output_dir / "eval",
-    )
+    options = EvalOptions(tasks=None, n_tokens=eval_tokens, mean_tokens=eval_tokens // 4)
+    results = evaluate_lorsa(model, final, options, tokenizer=tokenizer, output_dir=output_dir / "eval")
     recon = results["reconstruction"][str(DEMO_LAYER)]
     ce_clean = results["downstream"]["ce_clean"]
     down = results["downstream"]["layer_sets"][str(DEMO_LAYER)]

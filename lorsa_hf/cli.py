@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from .convert.cli import register as _register_convert
-from .embedded import register_cli as _register_embedded
+from .embedded.cli import register_cli as _register_embedded
 from .evals.cli import register_eval as _register_eval
 from .training.cli import register_train as _register_train
 

@@ -29,6 +29,8 @@ from ._sparse import (
     sparse_top_k_decode,
 )
 from .configuration_lorsa import LorsaConfig
+from .convert.conversion import ConvertedLorsa, convert_if_foreign
+from .splicing import splice, unsplice
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel as BaseModel
@@ -262,14 +264,10 @@ class LorsaForReplacement(LorsaPreTrainedModel):
 
         The Lorsa must be on the base model's device and dtype; `move=True` moves it there instead.
         """
-        from .splicing import splice
-
         return splice(self, model, layers=layers, move=move)
 
     def unsplice(self, model: BaseModel) -> BaseModel:
         """Put back the attention modules that `splice` replaced; the model is then exactly as before."""
-        from .splicing import unsplice
-
         return unsplice(model, self)
 
     @classmethod
@@ -283,13 +281,19 @@ class LorsaForReplacement(LorsaPreTrainedModel):
     ) -> LorsaForReplacement:
         """`PreTrainedModel.from_pretrained`, plus: a folder or Hub repo holding a Lorsa published by llamascopium
         (lm-saes) or the paper-era OpenMOSS/Lorsa code, or one such subfolder per layer, is converted on the fly
-        against `base_model` (see `lorsa_hf.convert.convert_checkpoint`, and `weights_already_folded` there)."""
-        from .convert.converter import load_if_foreign
-
-        converted = load_if_foreign(pretrained_model_name_or_path, base_model, weights_already_folded, kwargs)
+        against `base_model` (see `lorsa_hf.convert_checkpoint`, and `weights_already_folded` there)."""
+        converted = convert_if_foreign(pretrained_model_name_or_path, base_model, weights_already_folded, kwargs)
         if converted is not None:
-            return converted
+            return cls.from_converted(converted)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def from_converted(cls, converted: ConvertedLorsa) -> LorsaForReplacement:
+        """The model holding a converted foreign checkpoint (`lorsa_hf.convert.convert_weights`), in eval mode."""
+        model = cls(converted.config).to(converted.dtype).eval()
+        for layer, state_dict in converted.layer_state_dicts.items():
+            model.layer(layer).load_state_dict(state_dict)
+        return model
 
     def save_pretrained(self, save_directory: str | Any, *args: Any, push_to_hub: bool = False, **kwargs: Any) -> None:
         """`PreTrainedModel.save_pretrained` (config.json + model.safetensors), written atomically: a killed

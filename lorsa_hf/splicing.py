@@ -1,19 +1,28 @@
-"""Splicing Lorsa layers into a base model in place of its attention modules, and taking them out again."""
+"""Splicing Lorsa layers into a base model in place of its attention modules, and taking them out again.
+
+Below the model in the layering: it receives the Lorsa as anything with a `config` and a `layer(index)` (a
+`LorsaForReplacement`), so `LorsaForReplacement.splice` / `unsplice` call it without an import circle.
+"""
 
 from __future__ import annotations
 
 import inspect
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .adapters import ArchitectureAdapter, get_adapter
+from .configuration_lorsa import LorsaConfig
 
-if TYPE_CHECKING:
-    from .modeling_lorsa import LorsaForReplacement, LorsaLayer
+
+class SplicableLorsa(Protocol):
+    """What splicing needs of a Lorsa: its config and the Lorsa layer replacing each of `config.layers`."""
+
+    config: LorsaConfig
+
+    def layer(self, index: int) -> nn.Module: ...
 
 
 class LorsaSplicedAttention(nn.Module):
@@ -26,7 +35,7 @@ class LorsaSplicedAttention(nn.Module):
     """
 
     def __init__(
-        self, lorsa_layer: LorsaLayer, original: nn.Module, adapter: ArchitectureAdapter, use_base_rotary: bool
+        self, lorsa_layer: nn.Module, original: nn.Module, adapter: ArchitectureAdapter, use_base_rotary: bool
     ) -> None:
         super().__init__()
         self.lorsa = lorsa_layer
@@ -61,7 +70,7 @@ def _first_floating_parameter(module: nn.Module) -> torch.Tensor | None:
     return next((p for p in module.parameters() if p.is_floating_point()), None)
 
 
-def _rotary_matches(lorsa: LorsaForReplacement, adapter: ArchitectureAdapter, base_config: Any) -> bool:
+def _rotary_matches(lorsa: SplicableLorsa, adapter: ArchitectureAdapter, base_config: Any) -> bool:
     """Whether the base model's `(cos, sin)` are exactly what the Lorsa's own rotary would compute."""
     config = lorsa.config
     base = adapter.describe(base_config)
@@ -70,7 +79,7 @@ def _rotary_matches(lorsa: LorsaForReplacement, adapter: ArchitectureAdapter, ba
     return config.rotary_dim == base.rotary_dim and ours == theirs
 
 
-def _check_compatible(lorsa: LorsaForReplacement, model: PreTrainedModel, layers: list[int]) -> ArchitectureAdapter:
+def _check_compatible(lorsa: SplicableLorsa, model: PreTrainedModel, layers: list[int]) -> ArchitectureAdapter:
     config, base_config = lorsa.config, model.config
     adapter = get_adapter(model)
     if base_config.model_type != config.base_model_type:
@@ -90,7 +99,7 @@ def _check_compatible(lorsa: LorsaForReplacement, model: PreTrainedModel, layers
             f"{config.num_hidden_layers} ({config.base_model_name_or_path or 'base model not recorded'})."
         )
     for layer in layers:
-        if str(layer) not in lorsa.layers:
+        if layer not in config.layers:
             raise ValueError(f"Layer {layer} is not one this Lorsa replaces (it replaces {config.layers}).")
         if not 0 <= layer < n_layers:
             raise IndexError(f"Layer {layer} is out of range for a model with {n_layers} layers.")
@@ -102,7 +111,7 @@ def _check_compatible(lorsa: LorsaForReplacement, model: PreTrainedModel, layers
 
 
 def lorsa_attention_modules(
-    lorsa: LorsaForReplacement, model: PreTrainedModel, layers: list[int] | None = None, move: bool = False
+    lorsa: SplicableLorsa, model: PreTrainedModel, layers: list[int] | None = None, move: bool = False
 ) -> dict[int, LorsaSplicedAttention]:
     """The modules `splice` puts into `model`'s attention slots for `layers`, checked and built but not put in
     place (the eval suite runs them in the slots one run at a time). Every check runs before anything is built."""
@@ -129,7 +138,7 @@ def lorsa_attention_modules(
 
 
 def splice(
-    lorsa: LorsaForReplacement, model: PreTrainedModel, layers: list[int] | None = None, move: bool = False
+    lorsa: SplicableLorsa, model: PreTrainedModel, layers: list[int] | None = None, move: bool = False
 ) -> PreTrainedModel:
     """Replace the attention modules of `layers` of `model` with `lorsa`'s layers, in place; see
     `LorsaForReplacement.splice`. Every check runs before anything is replaced."""
@@ -139,7 +148,7 @@ def splice(
     return model
 
 
-def unsplice(model: PreTrainedModel, lorsa: LorsaForReplacement | None = None) -> PreTrainedModel:
+def unsplice(model: PreTrainedModel, lorsa: SplicableLorsa | None = None) -> PreTrainedModel:
     """Put back the attention modules that a Lorsa replaced in `model` (only `lorsa`'s when given, else every
     spliced layer), moved to the device and dtype the model has now, and return `model`."""
     adapter = get_adapter(model)
@@ -148,7 +157,7 @@ def unsplice(model: PreTrainedModel, lorsa: LorsaForReplacement | None = None) -
         module = getattr(layer, adapter.attention_attribute)
         if not isinstance(module, LorsaSplicedAttention):
             continue
-        if lorsa is None or (str(index) in lorsa.layers and module.lorsa is lorsa.layer(index)):
+        if lorsa is None or (index in lorsa.config.layers and module.lorsa is lorsa.layer(index)):
             spliced.append((index, module))
     if not spliced:
         raise ValueError("No Lorsa of this kind is spliced into this model; nothing to unsplice.")
@@ -166,35 +175,3 @@ def spliced_layers(model: PreTrainedModel) -> list[int]:
         for index, layer in enumerate(adapter.decoder_layers(model))
         if isinstance(getattr(layer, adapter.attention_attribute), LorsaSplicedAttention)
     ]
-
-
-_SHARED_HUB_KWARGS = ("cache_dir", "token", "local_files_only")
-
-
-def load_spliced(
-    base: str | os.PathLike | PreTrainedModel,
-    lorsa: str | os.PathLike | LorsaForReplacement,
-    layers: list[int] | None = None,
-    *,
-    lorsa_subfolder: str = "",
-    lorsa_revision: str | None = None,
-    model_class: type = AutoModelForCausalLM,
-    **from_pretrained_kwargs: Any,
-) -> PreTrainedModel:
-    """Load a base model and a Lorsa (each a local folder, a Hub repo id, or an already loaded model) and return
-    the base model with the Lorsa spliced into `layers` (default: all the Lorsa's layers).
-
-    `from_pretrained_kwargs` (`revision`, `subfolder`, `dtype`, `device_map`, `attn_implementation`, ...) go to
-    the base model's `from_pretrained`; `lorsa_subfolder` and `lorsa_revision` locate the Lorsa; `cache_dir`,
-    `token` and `local_files_only` apply to both. The Lorsa is moved to the base model's device and dtype.
-    """
-    from .modeling_lorsa import LorsaForReplacement
-
-    if not isinstance(base, PreTrainedModel):
-        base = model_class.from_pretrained(base, **from_pretrained_kwargs)
-    if not isinstance(lorsa, LorsaForReplacement):
-        hub_kwargs = {key: from_pretrained_kwargs[key] for key in _SHARED_HUB_KWARGS if key in from_pretrained_kwargs}
-        lorsa = LorsaForReplacement.from_pretrained(
-            lorsa, subfolder=lorsa_subfolder, revision=lorsa_revision, **hub_kwargs
-        )
-    return lorsa.splice(base, layers=layers, move=True)

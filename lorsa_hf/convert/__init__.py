@@ -5,10 +5,15 @@
 
 from a local folder or a Hub repo (repo id + subfolder + revision), one layer or one subfolder per layer, into a
 `LorsaForReplacement` that, spliced into the Hugging Face base model, computes what the original code computed.
-`LorsaForReplacement.from_pretrained(folder, base_model=...)` calls this on the fly.
+
+Layering: `detect` (which format a folder holds) and `conversion` (reading and folding into a config and state
+dicts) import nothing of the model, so `LorsaForReplacement.from_pretrained(folder, base_model=...)` uses them to
+convert on the fly. `converter.convert_checkpoint` (also `lorsa_hf.convert_checkpoint`) builds the model from
+their result and sits above the model: this `__init__` does not import it.
 """
 
-from .converter import FOREIGN_FORMATS, Conversion, convert_checkpoint, foreign_format
+from .conversion import ConvertedLorsa, convert_if_foreign, convert_weights
+from .detect import FOREIGN_FORMATS, foreign_format
 from .foreign import CheckpointError, ForeignLorsa
 from .llamascopium import read_llamascopium
 from .paper_era import read_paper_era
@@ -17,11 +22,12 @@ from .report import ConversionReport, LayerReport
 __all__ = [
     "FOREIGN_FORMATS",
     "CheckpointError",
-    "Conversion",
     "ConversionReport",
+    "ConvertedLorsa",
     "ForeignLorsa",
     "LayerReport",
-    "convert_checkpoint",
+    "convert_if_foreign",
+    "convert_weights",
     "foreign_format",
     "read_llamascopium",
     "read_paper_era",

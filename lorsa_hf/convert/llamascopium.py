@@ -103,34 +103,8 @@ def read_llamascopium(path: Path, weights_already_folded: bool = False) -> Forei
     attn_scale = math.sqrt(d_qk_head) if attn_scale is None else attn_scale
 
     stored = _read_tensors(path)
-    names = {"W_Q": "W_Q", "b_Q": "b_Q", "W_K": "W_K", "b_K": "b_K", "W_V": "W_V", "b_V": "b_V", "W_O": "W_O"}
-    if config.get("use_decoder_bias", True):
-        names["b_O"] = "b_D"
-    if use_qk_norm:
-        names.update(q_norm_weight="ln_q.w", k_norm_weight="ln_k.w")
-    missing = sorted(theirs for theirs in names.values() if theirs not in stored)
-    if missing:
-        raise CheckpointError(f"{path / WEIGHTS_FILE} lacks {missing}; the file is truncated or from another model.")
-    unexpected = sorted(
-        key for key in stored if key not in names.values() and key not in _BUFFERS and not key.startswith(_NORM_PREFIX)
-    )
-    if unexpected:
-        raise CheckpointError(
-            f"{path / WEIGHTS_FILE} holds {unexpected}, which its config.json does not account for "
-            "(e.g. QK-norm weights with use_post_qk_ln false); config and weights do not belong together."
-        )
-    tensors = {ours: stored[theirs] for ours, theirs in names.items()}
-    if "b_O" not in tensors:
-        tensors["b_O"] = torch.zeros(d_model, dtype=tensors["W_O"].dtype)
-
-    if not config.get("sparsity_include_decoder_norm", True):
-        norms = tensors["W_O"].double().norm(dim=-1)
-        if not torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-5):
-            raise CheckpointError(
-                f"{path}: sparsity_include_decoder_norm is false (TopK over relu(z) alone) and the decoder rows have "
-                "different norms; lorsa_hf always weights the selection by ||W_O||, so this Lorsa cannot be imported "
-                "exactly."
-            )
+    tensors = _our_tensors(path, config, stored, use_qk_norm, d_model)
+    _check_decoder_norm_selection(path, config, tensors["W_O"])
 
     lorsa = ForeignLorsa(
         format="llamascopium",
@@ -160,6 +134,45 @@ def read_llamascopium(path: Path, weights_already_folded: bool = False) -> Forei
     check_shapes(lorsa)
     check_rotary_buffers(lorsa, stored.get("rotary_sin"), stored.get("rotary_cos"))
     return lorsa
+
+
+def _our_tensors(
+    path: Path, config: dict[str, Any], stored: dict[str, torch.Tensor], use_qk_norm: bool, d_model: int
+) -> dict[str, torch.Tensor]:
+    """The stored tensors under our parameter names; refuses missing ones and ones the config does not explain."""
+    names = {"W_Q": "W_Q", "b_Q": "b_Q", "W_K": "W_K", "b_K": "b_K", "W_V": "W_V", "b_V": "b_V", "W_O": "W_O"}
+    if config.get("use_decoder_bias", True):
+        names["b_O"] = "b_D"
+    if use_qk_norm:
+        names.update(q_norm_weight="ln_q.w", k_norm_weight="ln_k.w")
+    missing = sorted(theirs for theirs in names.values() if theirs not in stored)
+    if missing:
+        raise CheckpointError(f"{path / WEIGHTS_FILE} lacks {missing}; the file is truncated or from another model.")
+    unexpected = sorted(
+        key for key in stored if key not in names.values() and key not in _BUFFERS and not key.startswith(_NORM_PREFIX)
+    )
+    if unexpected:
+        raise CheckpointError(
+            f"{path / WEIGHTS_FILE} holds {unexpected}, which its config.json does not account for "
+            "(e.g. QK-norm weights with use_post_qk_ln false); config and weights do not belong together."
+        )
+    tensors = {ours: stored[theirs] for ours, theirs in names.items()}
+    if "b_O" not in tensors:
+        tensors["b_O"] = torch.zeros(d_model, dtype=tensors["W_O"].dtype)
+    return tensors
+
+
+def _check_decoder_norm_selection(path: Path, config: dict[str, Any], W_O: torch.Tensor) -> None:
+    """A TopK over relu(z) alone equals ours (weighted by ||W_O||) only when every decoder row has the same norm."""
+    if config.get("sparsity_include_decoder_norm", True):
+        return
+    norms = W_O.double().norm(dim=-1)
+    if not torch.allclose(norms, norms.mean().expand_as(norms), rtol=1e-5):
+        raise CheckpointError(
+            f"{path}: sparsity_include_decoder_norm is false (TopK over relu(z) alone) and the decoder rows have "
+            "different norms; lorsa_hf always weights the selection by ||W_O||, so this Lorsa cannot be imported "
+            "exactly."
+        )
 
 
 def _set_dataset_norm(

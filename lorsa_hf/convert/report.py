@@ -6,6 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .base_model import BaseModelInfo
+from .foreign import ForeignLorsa
+
 REPORT_FILE = "conversion_report.json"
 
 
@@ -60,3 +63,45 @@ class ConversionReport:
             ]
             lines += [f"    note: {note}" for note in entry.notes]
         return "\n".join(lines)
+
+
+def _describe_rotary(lorsa: ForeignLorsa) -> str:
+    if lorsa.rotary_dim == 0:
+        return "none"
+    rope = lorsa.rope_parameters
+    pairs = "adjacent pairs" if lorsa.rotary_adjacent_pairs else "rotate-half pairs"
+    described = f"{lorsa.rotary_dim} dims, {pairs}, {rope['rope_type']} theta {rope['rope_theta']:g}"
+    if rope["rope_type"] == "llama3":
+        described += (
+            f" (factor {rope['factor']}, low {rope['low_freq_factor']}, high {rope['high_freq_factor']}, "
+            f"original context {rope['original_max_position_embeddings']})"
+        )
+    return described
+
+
+def layer_report(lorsa: ForeignLorsa, base: BaseModelInfo, source: str) -> LayerReport:
+    """The report of one foreign layer folded against `base`, read from `source` (as the user named it)."""
+    if not lorsa.input_is_normalized_residual:
+        input_norm = "not folded (the checkpoint was trained on the attention input itself)"
+    elif base.norms[lorsa.layer][1] is not None:
+        input_norm = "LayerNorm gain and bias folded into W_Q, W_K, W_V and their biases"
+    else:
+        input_norm = "RMSNorm gain folded into W_Q, W_K, W_V"
+    return LayerReport(
+        layer=lorsa.layer,
+        source_format=lorsa.format,
+        source=source,
+        n_ov_heads=lorsa.n_ov_heads,
+        n_qk_heads=lorsa.n_qk_heads,
+        d_qk_head=lorsa.d_qk_head,
+        top_k=lorsa.top_k,
+        activation=lorsa.activation,
+        attn_scale=lorsa.attn_scale,
+        rotary=_describe_rotary(lorsa),
+        qk_norm=f"per-group RMS norm, eps {lorsa.qk_norm_eps:g}" if lorsa.use_qk_norm else "none",
+        input_norm_folded=input_norm,
+        dataset_norm=lorsa.dataset_norm,
+        input_scale=lorsa.input_scale,
+        output_scale=lorsa.output_scale,
+        notes=list(lorsa.notes),
+    )

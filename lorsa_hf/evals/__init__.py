@@ -1,10 +1,11 @@
 """Evals of a Lorsa: reconstruction at each replaced block, downstream loss of the spliced model, lm-eval deltas,
-and the report and model card written from them. `evaluate_lorsa` runs them all."""
+and the report and model card written from them. `evaluate_lorsa` runs them all, as `EvalOptions` says."""
 
 from .card import model_card, write_model_card
 from .data import EvalBatches, pack_texts, position_mask
 from .downstream import attention_output_means, downstream_metrics, loss_recovered
 from .lm_eval import DEFAULT_TASKS, lm_eval_deltas, perplexity_task, run_lm_eval
+from .options import EvalOptions
 from .reconstruction import ReconstructionAccumulator, reconstruction_metrics
 from .replacements import (
     MeanAblation,
@@ -19,6 +20,7 @@ from .runner import evaluate_lorsa
 __all__ = [
     "DEFAULT_TASKS",
     "EvalBatches",
+    "EvalOptions",
     "MeanAblation",
     "ReconstructionAccumulator",
     "ZeroAblation",

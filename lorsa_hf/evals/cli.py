@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .lm_eval import DEFAULT_TASKS
+from .options import EvalOptions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,14 +62,9 @@ def run_eval(args: argparse.Namespace) -> int:
         source = "text files " + ", ".join(Path(path).name for path in args.text_file)
     tasks = [] if [t.lower() for t in args.tasks] == ["none"] else args.tasks
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    results = evaluate_lorsa(
-        args.base,
-        args.lorsa,
-        tokenizer=args.tokenizer,
+    options = EvalOptions(
         layers=args.layers,
         tasks=tasks,
-        texts=texts,
-        text_source=source,
         n_tokens=args.tokens,
         mean_tokens=args.mean_tokens,
         seq_len=args.seq_len,
@@ -80,8 +76,11 @@ def run_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         dtype=DTYPES[args.dtype],
-        output_dir=args.output,
         progress=not args.no_progress,
+    )
+    results = evaluate_lorsa(
+        args.base, args.lorsa, options, tokenizer=args.tokenizer, texts=texts, text_source=source,
+        output_dir=args.output,
     )
     for layer, metrics in results["reconstruction"].items():
         spliced = results["downstream"]["layer_sets"][layer]

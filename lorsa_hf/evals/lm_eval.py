@@ -85,7 +85,7 @@ def perplexity_task(texts: Sequence[str], name: str = "lorsa_text_ppl") -> dict[
 def heldout_perplexity_dataset(max_docs: int = 100, chunk_chars: int = 2000, **_: Any) -> dict[str, Any]:
     """The `lorsa_heldout_ppl` data: the held-out split of the embedded corpus in chunks of ~`chunk_chars`
     characters, interleaved across its documents, at most `max_docs` of them."""
-    from ..embedded import embedded_corpus
+    from ..embedded.corpus import embedded_corpus
 
     return perplexity_dataset(text_chunks(embedded_corpus("heldout"), chunk_chars=chunk_chars, max_chunks=max_docs))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lorsa_hf.evals import evaluate_lorsa, lm_eval_deltas, model_card, original_attention, perplexity_task
+from lorsa_hf.evals import EvalOptions, evaluate_lorsa, lm_eval_deltas, model_card, original_attention, perplexity_task
 from lorsa_hf.evals.lm_eval import default_tasks_dir, make_task_manager
 from lorsa_hf.evals.report import load_results, render_markdown
 from lorsa_hf.evals.synthetic import induction_docs, ioi_docs, successor_docs
@@ -75,11 +75,11 @@ def test_lm_eval_identical_for_clean_and_identity_spliced(tokenizer, monkeypatch
 def test_evaluate_lorsa_results_report_and_card(arch, tokenizer, tmp_path):
     model = make_lm(arch, tokenizer)
     lorsa = make_lorsa(model.config, LAYERS)
-    results = evaluate_lorsa(
-        model, lorsa, tokenizer=tokenizer, tasks=["lorsa_induction"], texts=sample_texts(), n_tokens=256,
-        mean_tokens=64, seq_len=32, batch_size=4, lm_eval_limit=4, bootstrap_iters=20, output_dir=tmp_path,
-        progress=False,
+    options = EvalOptions(
+        tasks=["lorsa_induction"], n_tokens=256, mean_tokens=64, seq_len=32, batch_size=4, lm_eval_limit=4,
+        bootstrap_iters=20, progress=False,
     )
+    results = evaluate_lorsa(model, lorsa, options, tokenizer=tokenizer, texts=sample_texts(), output_dir=tmp_path)
     assert set(results) == RESULT_KEYS
     assert results["data"]["n_eval_tokens"] == 256 and results["data"]["n_mean_tokens"] == 64
     counted = results["data"]["n_counted_tokens"]
