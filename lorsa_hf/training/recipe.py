@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ..resources import bundled_dir
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be run; the message names the key and what it must be."""
@@ -321,11 +323,11 @@ def _parse_file(path: Path) -> dict[str, Any]:
 
 
 def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
-    """A recipe file path, or the name of one in the repository's `recipes/` folder (`smollm2-135m`)."""
+    """A recipe file path, or the name of one bundled in the package's `recipes/` folder (`smollm2-135m`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    recipes_dir = Path(__file__).resolve().parents[2] / "recipes"
+    recipes_dir = bundled_dir("recipes")
     for suffix in (".yaml", ".yml", ".toml"):
         candidate = recipes_dir / f"{name_or_path}{suffix}"
         if candidate.is_file():
