@@ -1,4 +1,4 @@
-"""Training Lorsas (LORSA.md section 3): activation source, trainer, initialisations, checkpoints, recipes."""
+"""Training Lorsas (docs/method.md §3): activation source, trainer, initialisations, checkpoints, recipes."""
 
 from .activations import (
     ActivationSource,

@@ -70,7 +70,7 @@ class DataSection:
 
 @dataclass
 class InitSection:
-    """How the Lorsa starts (LORSA.md section 3); `qk: base, ov: base, b_o: mean, match_norm: true` is the
+    """How the Lorsa starts (docs/method.md §3); `qk: base, ov: base, b_o: mean, match_norm: true` is the
     MHSA initialisation."""
 
     qk: Literal["random", "base"] = "random"
