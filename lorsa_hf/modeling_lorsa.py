@@ -1,4 +1,4 @@
-"""The Lorsa layer (LORSA.md section 1) and the `LorsaForReplacement` model that holds one per replaced layer."""
+"""The Lorsa layer (docs/method.md §1) and the `LorsaForReplacement` model that holds one per replaced layer."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ class LorsaLayer(nn.Module):
         batch_size, seq_len, _ = hidden_states.shape
 
         # A cache of inputs serves every step after the first in the input form (attend over x, then project
-        # with W_V: LORSA.md section 1b), which needs no values for the new tokens
+        # with W_V: docs/method.md §1b), which needs no values for the new tokens
         past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         input_form = cache is not None and config.cached_inputs and past_length > 0
         # The dense reference path (the reference implementations' formulation) or the fast path

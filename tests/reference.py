@@ -1,4 +1,4 @@
-"""A dense float64 Lorsa written straight from LORSA.md section 1, independent of the package's code."""
+"""A dense float64 Lorsa written straight from docs/method.md §1, independent of the package's code."""
 
 from __future__ import annotations
 

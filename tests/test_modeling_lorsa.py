@@ -1,4 +1,4 @@
-"""The Lorsa layer computes exactly LORSA.md section 1, spliced into real transformers models."""
+"""The Lorsa layer computes exactly docs/method.md §1, spliced into real transformers models."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Import Lorsa checkpoints published by the two reference implementations (LORSA.md section 6):
+"""Import Lorsa checkpoints published by the two reference implementations (docs/method.md §6):
 
 - llamascopium / lm-saes (`config.json` with `sae_type: "lorsa"` + `sae_weights.safetensors`),
 - the paper-era OpenMOSS/Lorsa code (`config.json` + `final.pth`),

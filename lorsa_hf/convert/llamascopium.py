@@ -1,7 +1,7 @@
 """Reader for the current reference format (PyPI `llamascopium`, formerly `lm-saes`): `config.json` with
 `sae_type: "lorsa"` and `sae_weights.safetensors`.
 
-Conventions (LORSA.md section 6): the input is TransformerLens' `blocks.L.ln1.hook_normalized`, the normalised
+Conventions (docs/method.md §6): the input is TransformerLens' `blocks.L.ln1.hook_normalized`, the normalised
 residual WITHOUT the norm's gain and bias; selection is TopK over `relu(z) * ||W_O||`; with
 `norm_activation: "dataset-wise"` inputs were scaled by `sqrt(d) / norm_in` and outputs by `sqrt(d) / norm_out`
 (the norms are scalars in the weights file); with `"inference"` those factors are already in the weights.

@@ -1,7 +1,7 @@
 """Reader for the paper-era format (GitHub OpenMOSS/Lorsa): `config.json` (a dataclass dump with `n_ov_heads`,
 `d_ov_head`, `mode`, `avg_norm`, `layer`, ...) and `final.pth`, a torch state dict.
 
-Conventions (LORSA.md section 6): the input already is the Hugging Face attention input (the norm's output with
+Conventions (docs/method.md §6): the input already is the Hugging Face attention input (the norm's output with
 gain and bias), selection is TopK over `|z| * ||W_O||` with signed `z` kept, and the official loader folds
 `avg_norm` at load time (`W_Q, W_K, W_V *= sqrt(d)/avg_norm.in`, `W_O, b_O /= sqrt(d)/avg_norm.out`).
 `final.pth` is only ever read with `torch.load(..., weights_only=True)`.

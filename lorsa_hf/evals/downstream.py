@@ -1,5 +1,5 @@
 """Downstream metrics: next-token cross-entropy of the model with attention blocks replaced, loss recovered
-against zero- and mean-ablation, and KL(clean ‖ replaced) per token (LORSA.md §4).
+against zero- and mean-ablation, and KL(clean ‖ replaced) per token (docs/method.md §4).
 
 A prediction counts when both the position it is made at and the token it predicts are counted positions (not
 BOS, not padding). Sums are float64.

@@ -2,7 +2,7 @@
 with its standard error.
 
 The model is wrapped in lm-eval's `HFLM` in memory; the spliced run swaps the replacements into the attention
-slots for its duration. The default tasks are the project's own (`evals/tasks/` in the repository), which need
+slots for its duration. The default tasks are the project's own (`lorsa_hf/evals/tasks/`, package data), which need
 no download; any task lm-eval knows works too when its data is reachable.
 """
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..resources import bundled_dir
 from .replacements import replaced_attention
 from .synthetic import text_chunks
 
@@ -36,10 +37,10 @@ def _require_lm_eval() -> None:
 
 
 def default_tasks_dir() -> Path:
-    """The project's task definitions: `$LORSA_HF_EVAL_TASKS`, else `evals/tasks` of the repository checkout."""
+    """The project's task definitions: `$LORSA_HF_EVAL_TASKS`, else the `tasks/` folder bundled beside this module."""
     if os.environ.get(TASKS_ENV):
         return Path(os.environ[TASKS_ENV]).expanduser()
-    return Path(__file__).resolve().parents[2] / "evals" / "tasks"
+    return bundled_dir("evals", "tasks")
 
 
 def perplexity_results(doc: dict[str, Any], results: tuple[float]) -> dict[str, tuple[float, int]]:
@@ -109,7 +110,7 @@ def make_task_manager(tasks: Sequence[str | dict[str, Any]], include_path: str |
         where = f"{', '.join(paths)} nor lm-eval's own tasks" if paths else "lm-eval's own tasks"
         raise ValueError(
             f"Unknown lm-eval task(s) {missing}: neither {where} define them. The project's tasks live in "
-            f"evals/tasks of the repository (set ${TASKS_ENV} or pass include_path= / --include-path)."
+            f"lorsa_hf/evals/tasks (set ${TASKS_ENV} or pass include_path= / --include-path)."
         )
     return manager
 

@@ -1,6 +1,6 @@
 """Reconstruction metrics of a replacement at one attention block, accumulated over streamed tokens in float64.
 
-FVU = Σ||y − ŷ||² / Σ||y − ȳ||² (LORSA.md §4), with ȳ the mean target over all counted tokens. The denominator
+FVU = Σ||y − ŷ||² / Σ||y − ȳ||² (docs/method.md §4), with ȳ the mean target over all counted tokens. The denominator
 is accumulated with Chan's parallel update of the mean and the summed squared deviations, so it is exact in
 float64 however many batches are streamed and however large the mean is against the spread.
 """

@@ -1,4 +1,4 @@
-"""Triton kernel for the sparse decode: out[n] = sum_k values[n, k] W_O[indices[n, k]] (LORSA.md section 1).
+"""Triton kernel for the sparse decode: out[n] = sum_k values[n, k] W_O[indices[n, k]] (docs/method.md §1).
 
 One program per (token, block of d columns) loads the token's K head indices and values in blocks of
 `BLOCK_K`, gathers the matching [BLOCK_K, BLOCK_D] tile of W_O rows and accumulates in float32: only K rows

@@ -1,4 +1,4 @@
-"""Training Lorsas (LORSA.md section 3): text and packing, activation source, trainer, initialisations,
+"""Training Lorsas (docs/method.md §3): text and packing, activation source, trainer, initialisations,
 checkpoints, recipes."""
 
 from .activations import ActivationSource

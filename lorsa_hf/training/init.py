@@ -1,4 +1,4 @@
-"""Initialisation of a Lorsa before training (LORSA.md section 3): random, or from the base model's heads.
+"""Initialisation of a Lorsa before training (docs/method.md §3): random, or from the base model's heads.
 
 Every draw uses a generator seeded from (seed, layer), so a layer starts from the same weights whether one
 process trains all layers or each process trains a share of them.

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..resources import bundled_dir
 from ._schema import RecipeError, build_section, check_type, unknown_key
 
 
@@ -93,7 +94,7 @@ class LorsaSection:
 
 @dataclass
 class InitSection:
-    """How the Lorsa starts (LORSA.md section 3); `qk: base, ov: base, b_o: mean, match_norm: true` is the
+    """How the Lorsa starts (docs/method.md §3); `qk: base, ov: base, b_o: mean, match_norm: true` is the
     MHSA initialisation."""
 
     qk: Literal["random", "base"] = "random"
@@ -266,11 +267,11 @@ def _parse_file(path: Path) -> dict[str, Any]:
 
 
 def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
-    """A recipe file path, or the name of one in the repository's `recipes/` folder (`smollm2-135m`)."""
+    """A recipe file path, or the name of one bundled in the package's `recipes/` folder (`smollm2-135m`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    recipes_dir = Path(__file__).resolve().parents[2] / "recipes"
+    recipes_dir = bundled_dir("recipes")
     for suffix in (".yaml", ".yml", ".toml"):
         candidate = recipes_dir / f"{name_or_path}{suffix}"
         if candidate.is_file():

@@ -1,5 +1,5 @@
 """The per-layer training step: each Lorsa layer's forward on a batch of activations, the reconstruction loss
-(LORSA.md section 3) and the auxiliary loss that gives dead heads a gradient (sparsify's AuxK)."""
+(docs/method.md §3) and the auxiliary loss that gives dead heads a gradient (sparsify's AuxK)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training Lorsas on a frozen base model's attention blocks (LORSA.md section 3), on one CPU or many GPUs.
+"""Training Lorsas on a frozen base model's attention blocks (docs/method.md §3), on one CPU or many GPUs.
 
 Every process reads the same deterministic stream of packed rows (`data`) and takes its slice of each
 global batch; how the processes share the layers is the `training.distribute` strategy (`distributed`).

@@ -1,9 +1,8 @@
-"""The importer's test oracle: the fixtures folder next to the repository (`<repo>/../shared/fixtures`), holding
-tiny base models, checkpoints written by the two reference implementations, and what those computed."""
+"""The importer's test oracle: `tests/fixtures/` (see its README), holding tiny base models, checkpoints written by
+the two reference implementations, and what those computed."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -12,18 +11,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 LAYER = 1
 LLAMASCOPIUM_VARIANTS = ("lorsa_llamascopium_unfolded", "lorsa_llamascopium_folded")
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
+    """The fixtures folder; a missing one fails every test that needs it (a skip would hide a broken checkout)."""
     if not (FIXTURES / "README.md").is_file():
-        message = f"importer fixtures not found at {FIXTURES} (expected <repo>/../shared/fixtures)"
-        if os.environ.get("CI"):  # CI always has them beside the checkout: a skip there would hide a failure
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"importer fixtures not found at {FIXTURES}: they are part of the repository (tests/fixtures/).")
     return FIXTURES
 
 
@@ -43,7 +40,7 @@ def bases(fixtures: Path) -> dict[str, torch.nn.Module]:
 
 
 def copy_checkpoint(source: Path, target: Path) -> Path:
-    """A writable copy of a fixture checkpoint folder (the fixtures are read-only)."""
+    """A writable copy of a fixture checkpoint folder, so that a test never changes the fixtures themselves."""
     shutil.copytree(source, target)
     for file in target.iterdir():
         file.chmod(0o644)
