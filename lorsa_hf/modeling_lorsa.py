@@ -101,7 +101,7 @@ class LorsaLayer(nn.Module):
             attention_mask: Any mask transformers gives an attention module (None means causal).
             cache: A transformers `Cache`; keys [B, n_qk, T, d_qk] are appended at index `layer_idx`, and as its
                 values either the head values [B, n_qk, T, g] or, with `config.cached_inputs`, the input itself
-                [B, n_qk, T, d / n_qk] ([B, 1, T, d] when n_qk does not divide d).
+                (laid out by `lorsa_hf.ops.cached_inputs.inputs_for_cache`: [B, n_qk, T, d / n_qk]).
             output_activations: Also return `z` and the selected activations.
             top_k: Heads kept per token for this call (K annealing in training); defaults to `config.top_k`.
         """
