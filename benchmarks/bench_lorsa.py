@@ -17,20 +17,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
-import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
+from measure import Recorder, count_flops, dense_part_profile, matmul_rate, median_times, peak_bytes
 from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lorsa_hf import LorsaConfig, LorsaForReplacement
@@ -68,12 +63,6 @@ CASES = {
     )
 }
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
-# in-place matmuls: neither the profiler nor FlopCounterMode gives them FLOPs, so they are counted from their shapes
-IN_PLACE_OPS = (torch.ops.aten.addmm_, torch.ops.aten.baddbmm_)
-IN_PLACE_MATMUL_OPS = tuple(f"aten::{op.__name__}" for op in IN_PLACE_OPS)  # their names in a profile
-
-
 def base_config(case: Case, layers: int):
     if case.arch == "gpt_neox":
         return GPTNeoXConfig(
@@ -102,247 +91,190 @@ def lorsa_for(case: Case, config, layers: list[int]) -> LorsaForReplacement:
     return LorsaForReplacement(lorsa_config)
 
 
-def median_times(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Run each function once to warm up, then `repeats` rounds in which they alternate."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for function in functions.values():
-        function()
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return times
+class LayerBench:
+    """One case's layer: the base attention module, the Lorsa layer that replaces it, their inputs, and the calls
+    that run either on them."""
 
+    variants = ("sparse", "dense", "base")
 
-def peak_bytes(function: Callable[[], object]) -> int:
-    """Peak of tensor memory allocated while `function` runs, above what was allocated when it started (from
-    the profiler's memory events, which cover every CPU allocation)."""
-    with tempfile.TemporaryDirectory() as folder:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            function()
-        path = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as handle:
-            events = json.load(handle)["traceEvents"]
-    memory = [event["args"] for event in events if event.get("name") == "[memory]"]
-    if not memory:
-        return 0
-    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    return max(args["Total Allocated"] for args in memory) - start
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        config = base_config(case, 1)
+        base = base_model(case, 1) if case.model_decode else None
+        if base is None:
+            from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-
-def count_flops(function: Callable[[], object]) -> int:
-    """Matmul FLOPs of one call, the in-place matmuls included (FlopCounterMode has no formula for them)."""
-
-    def in_place(*shapes: list[int], out_shape: object = None, **kwargs: object) -> int:
-        return _in_place_matmul_flops(list(shapes))
-
-    with FlopCounterMode(display=False, custom_mapping=dict.fromkeys(IN_PLACE_OPS, in_place)) as counter:
-        function()
-    return counter.get_total_flops()
-
-
-def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul: the machine's attainable dense rate."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    times = median_times({"mm": lambda: a @ b}, repeats)["mm"]
-    return 2 * size**3 / statistics.median(times)
-
-
-def _in_place_matmul_flops(shapes: list[list[int]]) -> int:
-    """2 m k n (times the batch) from the shapes of addmm_(self [m, n], a [m, k], b [k, n]) or baddbmm_."""
-    *batch, rows, inner = shapes[1]
-    return 2 * math.prod(batch) * rows * inner * shapes[2][-1]
-
-
-def dense_part_profile(function: Callable[[], object]) -> tuple[float, float, float, list[tuple[str, float]]]:
-    """Profile one call: (matmul FLOPs, seconds in matmuls, total seconds, top ops by self time). Matmuls are the
-    plain and batched ones and the in-place ones (an in-place matmul inside another is counted once)."""
-    function()
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
-        function()
-    flops, seconds = 0, 0.0
-    for event in prof.events():
-        if event.name in MATMUL_OPS:
-            flops += event.flops
-        elif event.name in IN_PLACE_MATMUL_OPS:
-            parent = event.cpu_parent
-            if parent is None or parent.name not in IN_PLACE_MATMUL_OPS + MATMUL_OPS:
-                flops += _in_place_matmul_flops(event.input_shapes)
+            self.attention, self.rotary = LlamaAttention(config, layer_idx=0).eval(), LlamaRotaryEmbedding(config)
         else:
-            continue
-        seconds += event.self_cpu_time_total / 1e6
-    averages = prof.key_averages()
-    total = sum(event.self_cpu_time_total for event in averages) / 1e6
-    top = sorted(((event.key, event.self_cpu_time_total / 1e6) for event in averages), key=lambda item: -item[1])
-    return flops, seconds, total, top[:8]
+            backbone = base.gpt_neox if case.arch == "gpt_neox" else base.model
+            layer = backbone.layers[0]
+            self.attention = layer.attention if case.arch == "gpt_neox" else layer.self_attn
+            self.rotary = backbone.rotary_emb
+        self.layer = lorsa_for(case, config, [0]).layer(0)
+        self.cache_argument = next(name for name in ("layer_past", "cache", "past_key_values")
+                                   if name in inspect.signature(self.attention.forward).parameters)
+        self.x = torch.randn(case.batch, case.seq, case.hidden_size)
+        self.target = torch.randn(case.batch, case.seq, case.hidden_size)
+        position_ids = torch.arange(case.seq)[None].expand(case.batch, -1)
+        self.position_embeddings = self.rotary(self.x, position_ids)
+        self.tokens = case.batch * case.seq
 
+    def module(self, variant: str) -> torch.nn.Module:
+        return self.attention if variant == "base" else self.layer
 
-class Recorder:
-    def __init__(self, json_path: str | None) -> None:
-        self.rows: list[dict] = []
-        self.handle = open(json_path, "w") if json_path else None
-
-    def add(self, **row) -> None:
-        self.rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if self.handle:
-            self.handle.write(line + "\n")
-            self.handle.flush()
-
-
-def layer_benchmarks(case: Case, recorder: Recorder, repeats: int, rates: dict[str, float]) -> None:
-    config = base_config(case, 1)
-    base = base_model(case, 1) if case.model_decode else None
-    if base is None:
-        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-
-        attention, rotary = LlamaAttention(config, layer_idx=0).eval(), LlamaRotaryEmbedding(config)
-    else:
-        backbone = base.gpt_neox if case.arch == "gpt_neox" else base.model
-        attention = backbone.layers[0].attention if case.arch == "gpt_neox" else backbone.layers[0].self_attn
-        rotary = backbone.rotary_emb
-    lorsa = lorsa_for(case, config, [0])
-    layer = lorsa.layer(0)
-    cache_argument = next(name for name in ("layer_past", "cache", "past_key_values")
-                          if name in inspect.signature(attention.forward).parameters)
-
-    x = torch.randn(case.batch, case.seq, case.hidden_size)
-    target = torch.randn(case.batch, case.seq, case.hidden_size)
-    position_ids = torch.arange(case.seq)[None].expand(case.batch, -1)
-    position_embeddings = rotary(x, position_ids)
-    tokens = case.batch * case.seq
-
-    def run(variant: str, inputs: torch.Tensor, embeddings, cache=None) -> torch.Tensor:
+    def run(self, variant: str, inputs: torch.Tensor, embeddings, cache=None) -> torch.Tensor:
         if variant == "base":
-            kwargs = {"position_embeddings": embeddings, "attention_mask": None, cache_argument: cache}
-            return attention(inputs, **kwargs)[0]
-        layer.config.implementation = variant
-        return layer(inputs, position_embeddings=embeddings, cache=cache).hidden_states
+            kwargs = {"position_embeddings": embeddings, "attention_mask": None, self.cache_argument: cache}
+            return self.attention(inputs, **kwargs)[0]
+        self.layer.config.implementation = variant
+        return self.layer(inputs, position_embeddings=embeddings, cache=cache).hidden_states
 
-    def forward(variant: str, autocast: bool) -> Callable[[], object]:
+    def forward(self, variant: str, autocast: bool) -> Callable[[], object]:
         def call():
             context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
             with torch.no_grad(), context:
-                run(variant, x, position_embeddings)
+                self.run(variant, self.x, self.position_embeddings)
         return call
 
-    def train_step(variant: str, autocast: bool) -> Callable[[], object]:
-        module = attention if variant == "base" else layer
+    def train_step(self, variant: str, autocast: bool) -> Callable[[], object]:
+        module = self.module(variant)
+
         def call():
             for parameter in module.parameters():
                 parameter.grad = None
             context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
             with context:
-                output = run(variant, x, position_embeddings)
-            torch.nn.functional.mse_loss(output.float(), target).backward()
+                output = self.run(variant, self.x, self.position_embeddings)
+            torch.nn.functional.mse_loss(output.float(), self.target).backward()
         return call
 
-    variants = ("sparse", "dense", "base")
-    for parameter in attention.parameters():
-        parameter.requires_grad_(True)
+
+def timed_benchmarks(bench: LayerBench, recorder: Recorder, repeats: int, rates: dict[str, float]) -> None:
+    """Forward and training step of each variant, in fp32 and under bf16 autocast: times and FLOP rates."""
     for op, make, autocast in (
-        ("forward", forward, False),
-        ("forward", forward, True),
-        ("train_step", train_step, False),
-        ("train_step", train_step, True),
+        ("forward", bench.forward, False),
+        ("forward", bench.forward, True),
+        ("train_step", bench.train_step, False),
+        ("train_step", bench.train_step, True),
     ):
-        functions = {variant: make(variant, autocast) for variant in variants}
+        functions = {variant: make(variant, autocast) for variant in bench.variants}
         times = median_times(functions, repeats)
-        for variant in variants:
+        for variant in bench.variants:
             flops = count_flops(functions[variant])
             seconds = statistics.median(times[variant])
             rate = rates["bf16" if autocast else "fp32"]
             recorder.add(
-                case=case.name, variant=variant, op=op, dtype="bf16-autocast" if autocast else "fp32",
-                median_s=seconds, min_s=min(times[variant]), tokens_per_s=tokens / seconds, flops=flops,
+                case=bench.case.name, variant=variant, op=op, dtype="bf16-autocast" if autocast else "fp32",
+                median_s=seconds, min_s=min(times[variant]), tokens_per_s=bench.tokens / seconds, flops=flops,
                 achieved_gflops=flops / seconds / 1e9, fraction_of_matmul_rate=flops / seconds / rate,
             )
 
-    # Peak memory of a training step, above the model state (parameters, and gradients kept allocated as in
-    # steady training)
-    for variant in variants:
-        step = train_step(variant, False)
+
+def peak_memory_benchmarks(bench: LayerBench, recorder: Recorder) -> None:
+    """Peak memory of a training step, above the model state (parameters, and gradients kept allocated as in
+    steady training)."""
+    for variant in bench.variants:
+        step = bench.train_step(variant, False)
         step()
-        module = attention if variant == "base" else layer
+        module = bench.module(variant)
         grads = [parameter.grad for parameter in module.parameters()]
 
         def keep_grads_step(module=module, grads=grads, variant=variant):
             for parameter, grad in zip(module.parameters(), grads, strict=True):
                 parameter.grad = grad.zero_()
-            output = run(variant, x, position_embeddings)
-            torch.nn.functional.mse_loss(output.float(), target).backward()
+            output = bench.run(variant, bench.x, bench.position_embeddings)
+            torch.nn.functional.mse_loss(output.float(), bench.target).backward()
 
-        recorder.add(case=case.name, variant=variant, op="train_step_peak_memory", dtype="fp32",
+        recorder.add(case=bench.case.name, variant=variant, op="train_step_peak_memory", dtype="fp32",
                      peak_bytes=peak_bytes(keep_grads_step))
         for parameter in module.parameters():
             parameter.grad = None
 
-    # The dense-FLOP part: FLOPs of the matmuls over the time spent in them, from a profile, against the matmul
-    # rate measured right before it (other processes on a shared machine change both alike)
+
+def profile_benchmarks(bench: LayerBench, recorder: Recorder) -> None:
+    """The dense-FLOP part: FLOPs of the matmuls over the time spent in them, from a profile, against the matmul
+    rate measured right before it (other processes on a shared machine change both alike)."""
     for variant in ("sparse", "dense"):
         for autocast in (False, True):
             rate = matmul_rate(torch.bfloat16 if autocast else torch.float32)
-            flops, seconds, total, top = dense_part_profile(train_step(variant, autocast))
+            flops, seconds, total, top = dense_part_profile(bench.train_step(variant, autocast))
             recorder.add(
-                case=case.name, variant=variant, op="train_step_profile",
+                case=bench.case.name, variant=variant, op="train_step_profile",
                 dtype="bf16-autocast" if autocast else "fp32", matmul_flops=flops, matmul_s=seconds,
                 profiled_s=total, matmul_rate_now=rate,
                 matmul_fraction_of_matmul_rate=flops / seconds / rate if seconds else 0.0,
                 top_ops=[[name, round(value, 5)] for name, value in top],
             )
 
-    # bf16 autocast vs fp32 on the same weights and inputs
+
+def bf16_error_benchmark(bench: LayerBench, recorder: Recorder) -> None:
+    """bf16 autocast vs fp32 on the same weights and inputs."""
+    layer, x, embeddings = bench.layer, bench.x, bench.position_embeddings
     with torch.no_grad():
         layer.config.implementation = "sparse"
-        reference = layer(x, position_embeddings=position_embeddings, output_activations=True)
+        reference = layer(x, position_embeddings=embeddings, output_activations=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = layer(x, position_embeddings=position_embeddings, output_activations=True)
+            low = layer(x, position_embeddings=embeddings, output_activations=True)
     kept = (low.top_k_indices[..., :, None] == reference.top_k_indices[..., None, :]).any(-1)  # [B, T, K]
     difference = low.hidden_states.float() - reference.hidden_states
     error = difference.norm() / reference.hidden_states.norm()
     same_rows = kept.all(-1)  # tokens whose selection bf16 left unchanged: the error of the arithmetic alone
     same_error = difference[same_rows].norm() / reference.hidden_states[same_rows].norm()
-    recorder.add(case=case.name, variant="sparse", op="bf16_autocast_error", dtype="bf16-autocast",
+    recorder.add(case=bench.case.name, variant="sparse", op="bf16_autocast_error", dtype="bf16-autocast",
                  relative_error=error.item(), selection_overlap=kept.float().mean().item(),
                  tokens_with_same_selection=same_rows.float().mean().item(),
                  relative_error_same_selection=same_error.item())
 
-    # One cached decode step after `decode_context` tokens: sparse with an input cache, dense with a value cache
-    context = x[:1, : case.decode_context]
+
+def decode_step_benchmark(bench: LayerBench, recorder: Recorder, repeats: int) -> None:
+    """One cached decode step after `decode_context` tokens: sparse with an input cache, dense with a value cache."""
+    case, layer = bench.case, bench.layer
+    context = bench.x[:1, : case.decode_context]
     step_input = torch.randn(1, 1, case.hidden_size)
-    step_embeddings = rotary(step_input, torch.tensor([[case.decode_context]]))
-    context_embeddings = rotary(context, torch.arange(case.decode_context)[None])
+    step_embeddings = bench.rotary(step_input, torch.tensor([[case.decode_context]]))
+    context_embeddings = bench.rotary(context, torch.arange(case.decode_context)[None])
+
+    def use(variant: str) -> None:
+        if variant != "base":
+            layer.config.implementation = variant
+            layer.config.cache_format = "inputs" if variant == "sparse" else "values"
+
     caches = {}
     with torch.no_grad():
-        for variant in variants:
-            if variant != "base":
-                layer.config.implementation = variant
-                layer.config.cache_format = "inputs" if variant == "sparse" else "values"
+        for variant in bench.variants:
+            use(variant)
             caches[variant] = DynamicCache()
-            run(variant, context, context_embeddings, caches[variant])
+            bench.run(variant, context, context_embeddings, caches[variant])
 
     def decode_step(variant: str) -> Callable[[], object]:
         def call():
-            if variant != "base":
-                layer.config.implementation = variant
-                layer.config.cache_format = "inputs" if variant == "sparse" else "values"
+            use(variant)
             with torch.no_grad():
-                run(variant, step_input, step_embeddings, caches[variant])
+                bench.run(variant, step_input, step_embeddings, caches[variant])
             caches[variant].crop(-1)
         return call
 
-    functions = {variant: decode_step(variant) for variant in variants}
+    functions = {variant: decode_step(variant) for variant in bench.variants}
     times = median_times(functions, max(repeats, 9))
-    for variant in variants:
+    for variant in bench.variants:
         cache_layer = caches[variant].layers[0]
         per_token = sum(t.shape[1] * t.shape[-1] for t in (cache_layer.keys, cache_layer.values))
         recorder.add(case=case.name, variant=variant, op="decode_step", dtype="fp32", context=case.decode_context,
                      median_s=statistics.median(times[variant]), min_s=min(times[variant]),
                      flops=count_flops(functions[variant]), cache_numbers_per_token=per_token)
     layer.config.cache_format = "values"
+
+
+def layer_benchmarks(case: Case, recorder: Recorder, repeats: int, rates: dict[str, float]) -> None:
+    """Every measurement of one case's layer, in an order that keeps the random inputs of each the same."""
+    bench = LayerBench(case)
+    for parameter in bench.attention.parameters():
+        parameter.requires_grad_(True)
+    timed_benchmarks(bench, recorder, repeats, rates)
+    peak_memory_benchmarks(bench, recorder)
+    profile_benchmarks(bench, recorder)
+    bf16_error_benchmark(bench, recorder)
+    decode_step_benchmark(bench, recorder, repeats)
 
 
 def model_decode_benchmark(case: Case, recorder: Recorder, repeats: int) -> None:

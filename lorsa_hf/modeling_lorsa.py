@@ -15,21 +15,14 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from ._io import atomic_save_directory
-from ._rotary import LorsaRotaryEmbedding, apply_rotary
-from ._sparse import (
-    as_values,
-    decoder_norms,
-    dense_attention_top_k,
-    dense_top_k_decode,
-    input_form_attention,
-    project_queries_keys_values,
-    reference_projections,
-    select_from_groups,
-    sparse_attention_top_k,
-    sparse_top_k_decode,
-)
 from .configuration_lorsa import LorsaConfig
 from .convert.conversion import ConvertedLorsa, convert_if_foreign
+from .ops.cached_inputs import input_form_attention, inputs_for_cache
+from .ops.paths import PATHS, LorsaPath
+from .ops.projection import project_values
+from .ops.rotary import apply_rotary
+from .ops.selection import decoder_norms, select_from_groups
+from .rotary_embedding import LorsaRotaryEmbedding
 from .splicing import splice, unsplice
 
 if TYPE_CHECKING:
@@ -110,7 +103,7 @@ class LorsaLayer(nn.Module):
             attention_mask: Any mask transformers gives an attention module (None means causal).
             cache: A transformers `Cache`; keys [B, n_qk, T, d_qk] are appended at index `layer_idx`, and as its
                 values either the head values [B, n_qk, T, g] or, with `config.cached_inputs`, the input itself
-                [B, n_qk, T, d / n_qk] ([B, 1, T, d] when n_qk does not divide d).
+                (laid out by `lorsa_hf.ops.cached_inputs.inputs_for_cache`: [B, n_qk, T, d / n_qk]).
             output_activations: Also return `z` and the selected activations.
             top_k: Heads kept per token for this call (K annealing in training); defaults to `config.top_k`.
         """
@@ -119,68 +112,71 @@ class LorsaLayer(nn.Module):
         if not 0 < top_k <= config.n_ov_heads:
             raise ValueError(f"top_k must be between 1 and n_ov_heads ({config.n_ov_heads}), got {top_k}.")
         batch_size, seq_len, _ = hidden_states.shape
-
-        # A cache of inputs serves every step after the first in the input form (attend over x, then project
-        # with W_V: docs/method.md §1b), which needs no values for the new tokens
         past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        input_form = cache is not None and config.cached_inputs and past_length > 0
         # The dense reference path (the reference implementations' formulation) or the fast path
-        dense = config.implementation == "dense"
-        project = reference_projections if dense else project_queries_keys_values
-        attend_and_select = dense_attention_top_k if dense else sparse_attention_top_k
-        top_k_decode = dense_top_k_decode if dense else sparse_top_k_decode
+        path = PATHS[config.implementation]
 
-        # Projections: q and k [B, n_qk, T, d_qk]; v [B, n_qk, T, g] (the g scalar values of each group's heads)
-        query, key, value = project(
-            hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K, self.W_V, self.b_V, with_values=not input_form
-        )
+        # q and k [B, n_qk, T, d_qk], QK-normed and rotated
+        query, key = path.project_queries_keys(hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K)
         if config.use_qk_norm:
             query, key = self._qk_norm(query, self.q_norm_weight), self._qk_norm(key, self.k_norm_weight)
-
         if config.rotary_dim > 0:
             if position_embeddings is None:
                 if position_ids is None:
                     position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
                 position_embeddings = self.rotary_emb(hidden_states, position_ids)
             cos, sin = position_embeddings
-            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs, one_node=not dense)
-            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs, one_node=not dense)
+            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs, one_node=path.rotary_one_node)
+            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs, one_node=path.rotary_one_node)
 
-        if cache is not None and config.cached_inputs:
-            key, inputs = cache.update(key, self._cacheable_inputs(hidden_states), self.layer_idx)
-        elif cache is not None:
-            key, value = cache.update(key, as_values(value), self.layer_idx)
-
-        # z_i[s] = sum_t A_h(i)[s, t] v_i[t] (one attention per QK group with value width g) and the TopK selection
-        # weighted by the decoder norms: z [N, n_ov] (head i = group * g + j), the kept activations and their
-        # heads [N, K]. The fast path runs both as one node whose gradient reaches z only at the kept entries.
-        scale = 1.0 / config.attn_scale
-        if input_form:
-            z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
-            z, top_k_values, top_k_indices = select_from_groups(z, decoder_norms(self.W_O), top_k, config.activation)
-        else:
-            z, top_k_values, top_k_indices = attend_and_select(
-                query, key, value, attention_mask, scale, self.W_O, top_k, config.activation
-            )
+        # z [N, n_ov] (head i = group * g + j), the kept activations a and their heads [N, K]
+        z, top_k_values, top_k_indices = self._attend_and_select(
+            path, query, key, hidden_states, attention_mask, cache, past_length, top_k
+        )
 
         # The decode: the K selected rows of W_O per token (sparse, with its own backward), or the dense reference
         # formulation over all n_ov heads
-        output = top_k_decode(top_k_values, top_k_indices, self.W_O)
+        output = path.decode(top_k_values, top_k_indices, self.W_O)
         output = (output + self.b_O).view(batch_size, seq_len, -1)
-        z = z.view(batch_size, seq_len, -1)
-        top_k_values = top_k_values.view(batch_size, seq_len, top_k)
-        top_k_indices = top_k_indices.view(batch_size, seq_len, top_k)
-
         if not output_activations:
             return LorsaLayerOutput(hidden_states=output)
-        return LorsaLayerOutput(hidden_states=output, z=z, top_k_values=top_k_values, top_k_indices=top_k_indices)
+        return LorsaLayerOutput(
+            hidden_states=output,
+            z=z.view(batch_size, seq_len, -1),
+            top_k_values=top_k_values.view(batch_size, seq_len, top_k),
+            top_k_indices=top_k_indices.view(batch_size, seq_len, top_k),
+        )
 
-    def _cacheable_inputs(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d] as cache values [B, n_qk, T, d / n_qk], a shape every transformers cache layer can hold
-        next to keys with n_qk heads ([B, 1, T, d] when n_qk does not divide d: dynamic caches only)."""
-        batch_size, seq_len, d = hidden_states.shape
-        heads = self.config.n_qk_heads if d % self.config.n_qk_heads == 0 else 1
-        return hidden_states.view(batch_size, seq_len, heads, d // heads).transpose(1, 2)
+    def _attend_and_select(
+        self,
+        path: LorsaPath,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        hidden_states: torch.Tensor,
+        attention_mask: Any,
+        cache: Cache | None,
+        past_length: int,
+        top_k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z_i[s] = sum_t A_h(i)[s, t] v_i[t] (one attention per QK group with value width g) and the TopK selection
+        weighted by the decoder norms, with the keys and values of `cache` prepended. The fast path runs both as
+        one node whose gradient reaches z only at the kept entries, and projects v = x W_V^T + b_V where it is
+        cheaper. A cache of values gets v; a cache of inputs gets x, and every step after the first attends
+        over x and projects with W_V afterwards (the input form, docs/method.md §1b)."""
+        config = self.config
+        scale = 1.0 / config.attn_scale
+        if cache is not None and not config.cached_inputs:
+            value = project_values(hidden_states, self.W_V, self.b_V, config.n_qk_heads)  # [B, n_qk, T, g]
+            key, value = cache.update(key, value, self.layer_idx)
+            return path.attention_top_k(query, key, value, attention_mask, scale, self.W_O, top_k, config.activation)
+        if cache is not None:
+            key, inputs = cache.update(key, inputs_for_cache(hidden_states, config.n_qk_heads), self.layer_idx)
+            if past_length > 0:
+                z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
+                return select_from_groups(z, decoder_norms(self.W_O), top_k, config.activation)
+        return path.projected_attention_top_k(
+            query, key, hidden_states, self.W_V, self.b_V, attention_mask, scale, self.W_O, top_k, config.activation
+        )
 
 
 class LorsaPreTrainedModel(PreTrainedModel):

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_lorsa import count_flops, dense_part_profile  # noqa: E402
+from measure import count_flops, dense_part_profile  # noqa: E402
 
 
 def products(in_place: bool) -> None:

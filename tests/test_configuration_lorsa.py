@@ -126,3 +126,11 @@ def test_a_saved_checkpoint_gets_the_usual_folder_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "lorsa").stat().st_mode) == 0o777 & ~mask
+
+
+def test_config_validates_implementation_and_cache_format():
+    with pytest.raises(ValueError, match="LorsaConfig.implementation"):
+        LorsaConfig(implementation="fast")
+    with pytest.raises(ValueError, match="LorsaConfig.cache_format"):
+        LorsaConfig(cache_format="x")
+    assert LorsaConfig().implementation == "sparse"

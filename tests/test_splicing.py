@@ -64,7 +64,8 @@ def test_greedy_generate_with_cache_equals_recomputing_every_step(arch, activati
 
 def test_cache_holds_the_lorsa_keys_and_grouped_values(arch):
     model, lorsa = spliced_model(arch)
-    lorsa.config.cache_format = "values"  # the default, "auto", caches the smaller layer input here (test_sparse)
+    # the default, "auto", caches the smaller layer input here (tests/ops/test_cached_inputs.py)
+    lorsa.config.cache_format = "values"
     with torch.no_grad():
         out = model(tokens(2, 5), use_cache=True)
     cache = out.past_key_values if "past_key_values" in out else out.cache

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .._rotary import LorsaRotaryEmbedding
+from ..rotary_embedding import LorsaRotaryEmbedding
 
 
 class CheckpointError(ValueError):

@@ -11,8 +11,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._sparse import kept_activations, select_top_k, sparse_decode
 from ..modeling_lorsa import LorsaForReplacement, LorsaLayer
+from ..ops.decode import sparse_decode
+from ..ops.selection import kept_activations, select_top_k
 from .activations import LayerActivations
 from .metrics import DeadHeadTracker
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from lorsa_hf._attention import boolean_attention_mask, group_attention
+from lorsa_hf.ops.masks import boolean_attention_mask, group_attention
 
 
 def expected_mask(padding: torch.Tensor, query_length: int) -> torch.Tensor:

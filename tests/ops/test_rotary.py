@@ -5,7 +5,7 @@ import torch
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_apply_rotary_pos_emb
 
-from lorsa_hf._rotary import apply_rotary
+from lorsa_hf.ops.rotary import apply_rotary
 
 BATCH, HEADS, SEQ, D_QK = 2, 3, 5, 8
 
