@@ -14,7 +14,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from ._io import atomic_save_directory
+from .io import atomic_save_directory
 from .configuration_lorsa import LorsaConfig
 from .convert.conversion import ConvertedLorsa, convert_if_foreign
 from .ops.cached_inputs import input_form_attention, inputs_for_cache
@@ -300,7 +300,7 @@ class LorsaForReplacement(LorsaPreTrainedModel):
         with atomic_save_directory(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)
         if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.realpath(save_directory))
             self.push_to_hub(repo_id, **hub_kwargs)
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._io import atomic_save_directory
+from ..io import atomic_save_directory
 from ..modeling_lorsa import LorsaForReplacement
 from .base_model import BaseModelLike
 from .conversion import convert_weights

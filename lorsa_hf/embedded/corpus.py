@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from .._io import atomic_save_directory
+from ..io import atomic_save_directory
 from .cache import EmbeddedAssetError, exclusive, resolve_cache_dir, sha256_file, utc_now
 
 CORPUS_DIRNAME = "embedded-corpus"

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .._io import atomic_save_directory
+from ..io import atomic_save_directory
 from .cache import EmbeddedAssetError, exclusive, resolve_cache_dir, sha256_file, utc_now
 
 EMBEDDED_MODEL_ID = "SmolLM2-135M"

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text
 from .report import _json_ready, _number, _table, load_results
 
 

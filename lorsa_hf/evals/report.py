@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_path, atomic_write_text
+from ..io import atomic_write_path, atomic_write_text
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"

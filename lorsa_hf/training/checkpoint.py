@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_save_directory, atomic_write_text
+from ..io import atomic_save_directory, atomic_write_text
 from ..modeling_lorsa import LorsaForReplacement
 from .data import PackerState
 from .recipe import Recipe, RecipeError

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text
 
 
 @dataclass
