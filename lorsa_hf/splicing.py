@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from .adapters import ArchitectureAdapter, get_adapter
 from .configuration_lorsa import LorsaConfig
+from .splice_record import update_record
 
 
 class SplicableLorsa(Protocol):
@@ -31,11 +32,19 @@ class LorsaSplicedAttention(nn.Module):
 
     Arguments are bound against the replaced module's own signature, so positional and keyword calls mean
     what they meant to the original (GPTNeoX passes the cache as `layer_past`, Llama as `past_key_values` or
-    `cache` depending on the transformers release). The replaced module is kept, unregistered, for `unsplice`.
+    `cache` depending on the transformers release). The replaced module is kept, unregistered, for `unsplice`
+    and for saving (a state dict of the base model's own weights reloads into it, see `splice_record`).
     """
 
+    is_lorsa_splice = True
+
     def __init__(
-        self, lorsa_layer: nn.Module, original: nn.Module, adapter: ArchitectureAdapter, use_base_rotary: bool
+        self,
+        lorsa_layer: nn.Module,
+        original: nn.Module,
+        adapter: ArchitectureAdapter,
+        use_base_rotary: bool,
+        lorsa_model: SplicableLorsa | None = None,
     ) -> None:
         super().__init__()
         self.lorsa = lorsa_layer
@@ -44,6 +53,8 @@ class LorsaSplicedAttention(nn.Module):
         self._cache_arguments = adapter.cache_arguments
         self._signature = inspect.signature(original.forward)
         object.__setattr__(self, "original_module", original)
+        object.__setattr__(self, "lorsa_model", lorsa_model)
+        self.register_load_state_dict_pre_hook(_load_base_weights)
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         bound = self._signature.bind(*args, **kwargs)
@@ -64,6 +75,33 @@ class LorsaSplicedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, replaces={type(self.original_module).__name__}"
+
+
+def _load_base_weights(
+    module: LorsaSplicedAttention,
+    state_dict: dict[str, torch.Tensor],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load a state dict saved from this spliced model (the base's own weights, see `splice_record`): the keys of
+    the replaced attention module go into it; a trainable Lorsa whose weights the state dict lacks is refused,
+    since it would silently keep the weights it has now."""
+    original = module.original_module
+    found = {name: state_dict.pop(prefix + name) for name in original.state_dict() if prefix + name in state_dict}
+    if found:
+        original.load_state_dict(found, strict=False)
+    has_lorsa = any(key.startswith(prefix + "lorsa.") for key in state_dict)
+    if found and not has_lorsa and any(p.requires_grad for p in module.lorsa.parameters()):
+        error_msgs.append(
+            f"The state dict has the base model's attention weights for {prefix.rstrip('.')} but none of the "
+            "trainable Lorsa spliced there: a checkpoint of a spliced model keeps each Lorsa in its own subfolder "
+            "(see config.lorsa_splice). Load it with lorsa_hf.load_spliced(folder), or freeze the Lorsa "
+            "(requires_grad_(False)) to keep the one spliced now."
+        )
 
 
 def _first_floating_parameter(module: nn.Module) -> torch.Tensor | None:
@@ -133,7 +171,7 @@ def lorsa_attention_modules(
         reference = _first_floating_parameter(original)
         if reference is not None:
             lorsa_layer.to(device=reference.device, dtype=reference.dtype)
-        modules[layer] = LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary)
+        modules[layer] = LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary, lorsa)
     return modules
 
 
@@ -145,6 +183,7 @@ def splice(
     adapter = get_adapter(model)
     for layer, module in lorsa_attention_modules(lorsa, model, layers, move).items():
         adapter.set_attention(model, layer, module)
+    update_record(model)
     return model
 
 
@@ -164,6 +203,7 @@ def unsplice(model: PreTrainedModel, lorsa: SplicableLorsa | None = None) -> Pre
     for index, module in spliced:
         reference = module.lorsa.W_Q
         adapter.set_attention(model, index, module.original_module.to(device=reference.device, dtype=reference.dtype))
+    update_record(model)
     return model
 
 
