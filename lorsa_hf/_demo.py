@@ -78,7 +78,7 @@ def run_demo(output_dir: str | Path = "runs/demo", tokens: int = 81_920, eval_to
         ],
     )
     print(f"1/3 training a Lorsa on layer {DEMO_LAYER} of SmolLM2-135M for {tokens:,} tokens -> {output_dir / 'train'}")
-    metrics = train_from_recipe(recipe)
+    metrics = train_from_recipe(recipe, overwrite=True)  # the demo's own folder: a rerun starts again
     final = output_dir / "train" / "final"
 
     print(f"2/3 evaluating on {eval_tokens:,} held-out tokens -> {output_dir / 'eval'}")

@@ -205,7 +205,32 @@ def save_final_folder(folder: Path, lorsa: LorsaForReplacement, recipe: Recipe, 
         write_json_atomic(Path(staging) / "final_metrics.json", metrics)
 
 
+# What a run writes into its output_dir: a folder holding any of these holds a run.
+RUN_ENTRIES = ("checkpoints", "final", "metrics.jsonl", "trainer_state.json")
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, is_main_process: bool) -> None:
+    """Refuse a new run into a folder that holds one (its checkpoints would be pruned as if they were the new
+    run's, and the two runs' metrics mixed), unless `overwrite`, which clears the folder first (main process)."""
+    found = sorted(name for name in RUN_ENTRIES if (output_dir / name).exists())
+    if not found:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"output_dir {output_dir} already holds a run ({', '.join(found)}). Continue it with --resume, "
+            f"choose another folder (output_dir=...), or pass --overwrite to delete it and start again."
+        )
+    if is_main_process:
+        for entry in output_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
 __all__ = [
+    "RUN_ENTRIES",
+    "prepare_output_dir",
     "RESUMABLE_CHANGES", "check_resumable", "checkpoint_name", "flatten_recipe", "latest_checkpoint",
     "list_checkpoints", "read_dead_tracker", "read_trainer_state", "read_training_state", "read_weights",
     "rng_state", "save_checkpoint", "save_final_folder", "set_rng_state", "trainer_state", "write_json_atomic",

@@ -1,4 +1,4 @@
-"""`lorsa-hf train RECIPE [section.key=value ...] [--resume]`, the same under `accelerate launch`/`torchrun`."""
+"""`lorsa-hf train RECIPE [section.key=value ...] [--resume | --overwrite]`, also under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("recipe", help="recipe file, or a bundled recipe name such as smollm2-135m")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, value in YAML (training.lr=1e-3)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete the run already in output_dir and start a new one"
+    )
     parser.add_argument("--print-recipe", action="store_true", help="print the validated recipe and exit")
 
     def run(args: argparse.Namespace) -> int:
@@ -30,7 +33,12 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
             return 0
         from .trainer import train_from_recipe
 
-        metrics = train_from_recipe(recipe, resume=args.resume)
+        if args.resume and args.overwrite:
+            parser.error("--resume continues the run in output_dir and --overwrite deletes it: pass only one.")
+        try:
+            metrics = train_from_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
+        except FileExistsError as error:
+            parser.error(str(error))
         if metrics:
             keys = ("step", "tokens", "heldout/fvu", "heldout/l0", "heldout/dead_fraction", "heldout/tokens")
             print(json.dumps({k: v for k, v in metrics.items() if k in keys}))

@@ -267,11 +267,17 @@ class LorsaTrainer:
 
     # ---------------------------------------------------------------------------------------------- train
 
-    def train(self, resume: bool = False) -> dict[str, Any]:
-        """Run to `total_steps`, checkpointing, logging and evaluating on the way; save the final folder."""
+    def train(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Run to `total_steps`, checkpointing, logging and evaluating on the way; save the final folder.
+
+        A new run (not `resume`) into an `output_dir` that holds a run is refused unless `overwrite`, which
+        clears it first."""
         acc, training = self.accelerator, self.recipe.training
         if resume:
             self._resume()
+        else:
+            checkpoint.prepare_output_dir(self.output_dir, overwrite, acc.is_main_process)
+            acc.wait_for_everyone()
         self.heldout  # noqa: B018 (built before the first step, so a too-short held-out text fails early)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -337,11 +343,11 @@ class LorsaTrainer:
         )
 
 
-def train_from_recipe(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
+def train_from_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Build a trainer for `recipe` and run it (what `lorsa-hf train` does); the final metrics on the main
-    process, an empty dict on the others."""
+    process, an empty dict on the others. See `LorsaTrainer.train` for `resume` and `overwrite`."""
     trainer = LorsaTrainer(recipe)
-    metrics = trainer.train(resume=resume)
+    metrics = trainer.train(resume=resume, overwrite=overwrite)
     return metrics if trainer.accelerator.is_main_process else {}
 
 

@@ -199,3 +199,28 @@ def test_lorsa_implementation_is_a_recipe_switch(tiny_files, tmp_path):
     assert len(losses["dense"]) == 4 and losses["dense"] == pytest.approx(losses["sparse"], rel=1e-4)
     for name, value in weights["sparse"].items():
         torch.testing.assert_close(weights["dense"][name], value, atol=1e-2, rtol=1e-2)
+
+
+def test_a_new_run_into_a_folder_holding_a_run_is_refused_unless_overwritten(tiny_files, tmp_path):
+    values = tiny_recipe_dict(tiny_files, tmp_path / "run", training={"max_steps": 4, "checkpoint_every": 2})
+    LorsaTrainer(recipe_from_dict(values)).train()
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(FileExistsError, match=r"already holds a run .*--resume.*another folder.*--overwrite"):
+        LorsaTrainer(recipe_from_dict(values)).train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == checkpoints
+    values["training"]["max_steps"] = 2
+    LorsaTrainer(recipe_from_dict(values)).train(overwrite=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_cli_names_the_choices_for_a_folder_holding_a_run(tiny_files, tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_files, tmp_path / "run")))
+    with pytest.raises(SystemExit):
+        main(["train", str(path)])
+    assert "already holds a run (checkpoints)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(path), "--resume", "--overwrite"])
+    assert "pass only one" in capsys.readouterr().err
