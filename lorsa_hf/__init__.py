@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_lorsa import LorsaConfig
 from .convert import CheckpointError, ConversionReport
 from .convert.converter import convert_checkpoint
+from .load_checks import LorsaLoadError
 from .loading import load_spliced
 from .modeling_lorsa import LorsaForReplacement, LorsaLayerOutput
 from .splicing import spliced_layers, unsplice
@@ -41,6 +42,7 @@ __all__ = [
     "LorsaConfig",
     "LorsaForReplacement",
     "LorsaLayerOutput",
+    "LorsaLoadError",
     "convert_checkpoint",
     "embedded_corpus",
     "load_embedded_model",

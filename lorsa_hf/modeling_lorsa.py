@@ -14,9 +14,10 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from .io import atomic_save_directory
 from .configuration_lorsa import LorsaConfig
 from .convert.conversion import ConvertedLorsa, convert_if_foreign
+from .io import atomic_save_directory
+from .load_checks import check_finite, check_folder, check_loading_info, local_folder
 from .ops.cached_inputs import input_form_attention, inputs_for_cache
 from .ops.paths import PATHS, LorsaPath
 from .ops.projection import project_values
@@ -277,11 +278,23 @@ class LorsaForReplacement(LorsaPreTrainedModel):
     ) -> LorsaForReplacement:
         """`PreTrainedModel.from_pretrained`, plus: a folder or Hub repo holding a Lorsa published by llamascopium
         (lm-saes) or the paper-era OpenMOSS/Lorsa code, or one such subfolder per layer, is converted on the fly
-        against `base_model` (see `lorsa_hf.convert_checkpoint`, and `weights_already_folded` there)."""
-        converted = convert_if_foreign(pretrained_model_name_or_path, base_model, weights_already_folded, kwargs)
+        against `base_model` (see `lorsa_hf.convert_checkpoint`, and `weights_already_folded` there).
+
+        A folder that would load with random or altered weights is refused with a `LorsaLoadError`: no
+        config.json, a base model's folder, a tensor missing, renamed or of the wrong shape (a hand-edited
+        `layers`, `use_qk_norm` without norm weights), integer or non-finite weights."""
+        source = pretrained_model_name_or_path
+        converted = convert_if_foreign(source, base_model, weights_already_folded, kwargs)
         if converted is not None:
             return cls.from_converted(converted)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        folder = local_folder(source, kwargs.get("subfolder") or "")
+        if folder is not None:
+            check_folder(folder, config_given=kwargs.get("config") is not None)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(source, *model_args, output_loading_info=True, **kwargs)
+        check_loading_info(source, info)
+        check_finite(source, model)
+        return (model, info) if output_loading_info else model
 
     @classmethod
     def from_converted(cls, converted: ConvertedLorsa) -> LorsaForReplacement:
