@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 from typing import Any
 
-from transformers import PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 
 ACTIVATIONS = ("topk_abs", "topk_relu")
 IMPLEMENTATIONS = ("sparse", "dense")
 CACHE_FORMATS = ("values", "inputs", "auto")
+
+POSITIVE_INTEGERS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "base_num_attention_heads",
+    "base_num_key_value_heads",
+    "base_head_dim",
+    "max_position_embeddings",
+    "n_ov_heads",
+    "n_qk_heads",
+    "d_qk_head",
+    "top_k",
+)
+POSITIVE_NUMBERS = ("attn_scale", "qk_norm_eps")
+FLAGS = ("rotary_adjacent_pairs", "use_qk_norm")
+OPTIONAL_STRINGS = ("base_model_name_or_path", "base_model_revision")
+
+# Keyword arguments `PreTrainedConfig` itself takes besides its fields (and what a saved config.json holds).
+_CONFIG_KWARGS = {
+    "torch_dtype",
+    "num_labels",
+    "name_or_path",
+    "_name_or_path",
+    "_commit_hash",
+    "output_attentions",
+    "attn_implementation",
+    "experts_implementation",
+    "transformers_version",
+    "model_type",
+    "per_layer_config",
+    "rope_scaling",
+    "rope_theta",
+    "partial_rotary_factor",
+}
 
 
 class LorsaConfig(PreTrainedConfig):
@@ -87,6 +123,7 @@ class LorsaConfig(PreTrainedConfig):
     cache_format: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
+        _refuse_unknown_kwargs(kwargs)
         if self.layers is None:
             self.layers = [0]
         if self.base_head_dim is None:
@@ -102,16 +139,32 @@ class LorsaConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._validate()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """`PreTrainedConfig.from_dict`, refusing a saved Lorsa config that lacks one of the Lorsa's fields
+        (a hand-edited config.json would otherwise silently take the default)."""
+        if config_dict.get("model_type") == cls.model_type:
+            missing = [name for name in _lorsa_fields() if name not in config_dict]
+            if missing:
+                raise ValueError(
+                    f"This Lorsa config.json lacks {', '.join(missing)}: every saved Lorsa config records all "
+                    "of its fields. Restore them (re-save the config with LorsaConfig.save_pretrained)."
+                )
+        return super().from_dict(config_dict, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedConfig.save_pretrained`, after checking the values again (they may have been assigned)."""
+        self._validate()
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     def _validate(self) -> None:
-        """Raise at construction on values no Lorsa can have, naming the field and what it must be."""
+        """Raise at construction, load and save on values no Lorsa can have, naming the field and what it must be:
+        a TypeError for a value of the wrong type (`use_qk_norm='false'`), a ValueError for one out of range."""
 
         def fail(field: str, message: str) -> None:
             raise ValueError(f"LorsaConfig.{field}: {message}")
 
-        for field in ("hidden_size", "num_hidden_layers", "n_ov_heads", "n_qk_heads", "d_qk_head", "top_k"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(field, f"must be a positive integer, got {value!r}")
+        _check_types(self)
         if self.n_ov_heads % self.n_qk_heads != 0:
             fail(
                 "n_ov_heads",
@@ -122,8 +175,11 @@ class LorsaConfig(PreTrainedConfig):
             fail("top_k", f"must be at most n_ov_heads ({self.n_ov_heads}), got {self.top_k}")
         if self.activation not in ACTIVATIONS:
             fail("activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not self.attn_scale > 0:
-            fail("attn_scale", f"must be positive, got {self.attn_scale!r}")
+        for field in POSITIVE_NUMBERS:
+            if not getattr(self, field) > 0 or not math.isfinite(getattr(self, field)):
+                fail(field, f"must be positive and finite, got {getattr(self, field)!r}")
+        if not 0 <= self.initializer_range < math.inf:
+            fail("initializer_range", f"must be a finite number >= 0, got {self.initializer_range!r}")
         if not 0 <= self.rotary_dim <= self.d_qk_head or self.rotary_dim % 2:
             fail(
                 "rotary_dim",
@@ -140,6 +196,9 @@ class LorsaConfig(PreTrainedConfig):
                 )
         if "rope_type" not in self.rope_parameters or "rope_theta" not in self.rope_parameters:
             fail("rope_parameters", f"must contain 'rope_type' and 'rope_theta', got {self.rope_parameters!r}")
+        theta = self.rope_parameters["rope_theta"]
+        if not _is_number(theta) or not theta > 0:
+            fail("rope_parameters", f"rope_theta must be a positive number, got {theta!r}")
         if self.implementation not in IMPLEMENTATIONS:
             fail("implementation", f"must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
         if self.cache_format not in CACHE_FORMATS:
@@ -156,9 +215,7 @@ class LorsaConfig(PreTrainedConfig):
         return self.n_ov_heads // self.n_qk_heads
 
     @classmethod
-    def from_base_config(
-        cls, base_config: PreTrainedConfig, layers: list[int] | int, **overrides: Any
-    ) -> LorsaConfig:
+    def from_base_config(cls, base_config: PreTrainedConfig, layers: list[int] | int, **overrides: Any) -> LorsaConfig:
         """Derive a config for `layers` of a supported base model, with the paper's defaults for the rest.
 
         Defaults: `d_qk_head` = the base head dimension, `n_qk_heads` = the base number of heads,
@@ -193,6 +250,60 @@ class LorsaConfig(PreTrainedConfig):
         )
         values.update(overrides)
         return cls(**values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _lorsa_fields() -> list[str]:
+    """The fields LorsaConfig declares on top of PreTrainedConfig's."""
+    return [name for name in LorsaConfig.__annotations__ if name not in PreTrainedConfig.__annotations__]
+
+
+def _check_types(config: LorsaConfig) -> None:
+    """Raise a TypeError naming the first field whose value has the wrong type."""
+
+    def fail(field: str, expected: str) -> None:
+        value = getattr(config, field)
+        raise TypeError(f"LorsaConfig.{field}: must be {expected}, got {value!r} ({type(value).__name__})")
+
+    for field in POSITIVE_INTEGERS + ("rotary_dim",):
+        if not isinstance(getattr(config, field), int) or isinstance(getattr(config, field), bool):
+            fail(field, "an integer")
+    for field in POSITIVE_NUMBERS + ("initializer_range",):
+        if not _is_number(getattr(config, field)):
+            fail(field, "a number")
+    for field in FLAGS:
+        if not isinstance(getattr(config, field), bool):
+            fail(field, "true or false (a bool, not a string or number)")
+    for field in OPTIONAL_STRINGS:
+        if getattr(config, field) is not None and not isinstance(getattr(config, field), str):
+            fail(field, "a string or None")
+    for field in ("base_model_type", "activation", "implementation", "cache_format"):
+        if not isinstance(getattr(config, field), str):
+            fail(field, "a string")
+    if not isinstance(config.layers, list) or not all(
+        isinstance(layer, int) and not isinstance(layer, bool) for layer in config.layers
+    ):
+        fail("layers", "a list of integer layer indices")
+    if not isinstance(config.rope_parameters, dict):
+        fail("rope_parameters", "a dict (rope_type, rope_theta, scaling factors)")
+
+
+def _refuse_unknown_kwargs(kwargs: dict[str, Any]) -> None:
+    """Raise on keyword arguments that are neither a field nor one PreTrainedConfig takes (a typo such as
+    `n_ov_head=256` would otherwise be kept as a stray attribute and ignored)."""
+    allowed = _CONFIG_KWARGS | set(GenerationConfig._get_default_generation_params())
+    unknown = [key for key in kwargs if key not in allowed and not key.startswith("_")]
+    if unknown:
+        fields = [name for name in LorsaConfig.__annotations__ if not name.startswith("_")]
+        hints = [difflib.get_close_matches(key, fields, n=1) for key in unknown]
+        described = ", ".join(
+            f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            for key, hint in zip(unknown, hints, strict=True)
+        )
+        raise TypeError(f"LorsaConfig got unknown argument(s) {described}.")
 
 
 __all__ = ["LorsaConfig"]

@@ -134,3 +134,71 @@ def test_config_validates_implementation_and_cache_format():
     with pytest.raises(ValueError, match="LorsaConfig.cache_format"):
         LorsaConfig(cache_format="x")
     assert LorsaConfig().implementation == "sparse"
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("use_qk_norm", "false", "use_qk_norm: must be true or false"),
+        ("rotary_adjacent_pairs", 1, "rotary_adjacent_pairs: must be true or false"),
+        ("top_k", 2.5, "top_k: must be an integer"),
+        ("top_k", True, "top_k: must be an integer"),
+        ("hidden_size", "64", "hidden_size: must be an integer"),
+        ("qk_norm_eps", "1e-6", "qk_norm_eps: must be a number"),
+        ("layers", [0.0], "layers: must be a list of integer layer indices"),
+        ("rope_parameters", "default", "rope_parameters: must be a dict"),
+        ("activation", None, "activation: must be a string"),
+    ],
+)
+def test_values_of_the_wrong_type_raise_naming_the_field(field, value, message):
+    values = dict(hidden_size=64, num_hidden_layers=3, n_ov_heads=128, n_qk_heads=4, d_qk_head=16, top_k=8)
+    values[field] = value
+    with pytest.raises(TypeError, match=f"LorsaConfig.{message}"):
+        LorsaConfig(**values)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("qk_norm_eps", -1.0, "qk_norm_eps: must be positive and finite"),
+        ("qk_norm_eps", float("nan"), "qk_norm_eps: must be positive and finite"),
+        ("attn_scale", float("inf"), "attn_scale: must be positive and finite"),
+        ("initializer_range", -0.02, "initializer_range: must be a finite number >= 0"),
+        ("base_num_attention_heads", 0, "base_num_attention_heads: must be a positive integer"),
+        ("rope_parameters", {"rope_type": "default", "rope_theta": -1.0}, "rope_parameters: rope_theta must be"),
+    ],
+)
+def test_values_out_of_range_raise_naming_the_field(field, value, message):
+    values = dict(hidden_size=64, num_hidden_layers=3, n_ov_heads=128, n_qk_heads=4, d_qk_head=16, top_k=8)
+    values[field] = value
+    with pytest.raises(ValueError, match=f"LorsaConfig.{message}"):
+        LorsaConfig(**values)
+
+
+def test_unknown_keyword_arguments_are_refused_with_a_hint():
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) 'n_ov_head' \(did you mean 'n_ov_heads'\?\)"):
+        LorsaConfig(n_ov_head=256)
+
+
+def test_a_value_assigned_after_construction_is_checked_on_save(tmp_path):
+    config = LorsaConfig(hidden_size=64, num_hidden_layers=3, n_ov_heads=128, n_qk_heads=4, d_qk_head=16, top_k=8)
+    config.use_qk_norm = "false"
+    with pytest.raises(TypeError, match="use_qk_norm"):
+        config.save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["top_k", "rope_parameters", "layers"])
+def test_a_saved_config_missing_a_field_is_refused_on_load(tmp_path, field):
+    make_lorsa(tiny_llama_config(), [0]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config[field]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"config.json lacks {field}"):
+        LorsaConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"config.json lacks {field}"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_a_saved_config_round_trips_exactly(tmp_path):
+    config = make_lorsa(tiny_llama_config(), [0, 2], use_qk_norm=True, qk_norm_eps=1e-5).config
+    config.save_pretrained(tmp_path)
+    assert LorsaConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()

@@ -223,9 +223,13 @@ def _validate(recipe: Recipe) -> None:
         ("training.eval_every", training.eval_every), ("training.checkpoint_every", training.checkpoint_every),
         ("training.log_every", training.log_every), ("training.keep_checkpoints", training.keep_checkpoints),
         ("init.calibration_sequences", recipe.init.calibration_sequences),
+        ("training.eval_sequences", training.eval_sequences), ("training.dead_tokens", training.dead_tokens),
+        ("training.k_initial", training.k_initial), ("training.k_aux", training.k_aux),
+        ("data.heldout_documents", data.heldout_documents),
     ):
         if value is not None and value <= 0:
             raise RecipeError(f"Recipe key {path} must be positive, got {value}.")
+    _check_numbers(training)
     if data.context_length < 2:
         raise RecipeError(f"data.context_length must be at least 2 (a BOS and one token), got {data.context_length}.")
     if training.lr <= 0:
@@ -245,6 +249,19 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("data.source is 'files': list the .txt/.jsonl files in data.files.")
     if recipe.lorsa.layers is None:
         raise RecipeError("Set lorsa.layers: the base-model layer(s) whose attention the Lorsa replaces.")
+
+
+def _check_numbers(training: TrainingSection) -> None:
+    """Finite, in-range optimisation numbers (a negative clip norm would turn the step into gradient ascent)."""
+    if training.clip_grad_norm is not None and not 0 < training.clip_grad_norm < math.inf:
+        raise RecipeError(
+            f"training.clip_grad_norm must be a positive number (or null for no clipping), got "
+            f"{training.clip_grad_norm}."
+        )
+    if not math.isfinite(training.lr):
+        raise RecipeError(f"training.lr must be finite, got {training.lr}.")
+    if not 0 <= training.aux_loss_coef < math.inf:
+        raise RecipeError(f"training.aux_loss_coef must be a number >= 0, got {training.aux_loss_coef}.")
 
 
 def _parse_file(path: Path) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class LorsaTrainer:
         self.train_text, self.heldout_text = train_text, heldout_text
 
         self.config = self._lorsa_config(model)
+        self._check_context_length(model)
         self.layers = list(self.config.layers)
         self.strategy = make_strategy(training.distribute, acc, self.layers)
         self.owned = self.strategy.owned
@@ -103,6 +104,14 @@ class LorsaTrainer:
         config.base_model_name_or_path = self.recipe.model.name
         config.base_model_revision = self.recipe.model.revision
         return config
+
+    def _check_context_length(self, model: PreTrainedModel) -> None:
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions is not None and self.recipe.data.context_length > positions:
+            raise RecipeError(
+                f"data.context_length ({self.recipe.data.context_length}) is beyond the {positions} positions "
+                f"of the base model {self.recipe.model.name}; use at most {positions}."
+            )
 
     def _check_k(self, training: TrainingSection) -> None:
         for name, k in (("training.k_initial", training.k_initial), ("training.k_aux", training.k_aux)):

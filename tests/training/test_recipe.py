@@ -53,6 +53,14 @@ def test_overrides_are_parsed_as_yaml():
         ({**MINIMAL, "lorsa": {"layers": [0], "top_k": "64"}}, "lorsa.top_k must be an integer, got '64'"),
         ({**MINIMAL, "lorsa": {"layers": [0], "activation": "relu"}}, "lorsa.activation must be one of"),
         ({**MINIMAL, "lorsa": {"layers": "all"}}, "lorsa.layers must be a layer index or a non-empty list"),
+        ({**MINIMAL, "training": {"max_steps": 10, "clip_grad_norm": -0.15}}, "clip_grad_norm must be a positive"),
+        ({**MINIMAL, "training": {"max_steps": 10, "clip_grad_norm": 0}}, "clip_grad_norm must be a positive"),
+        ({**MINIMAL, "training": {"max_steps": 10, "lr": float("nan")}}, "training.lr must be"),
+        ({**MINIMAL, "training": {"max_steps": 10, "aux_loss_coef": -1}}, "aux_loss_coef must be a number >= 0"),
+        ({**MINIMAL, "training": {"max_steps": 10, "dead_tokens": 0}}, "training.dead_tokens must be positive"),
+        ({**MINIMAL, "training": {"max_steps": 10, "k_initial": -4}}, "training.k_initial must be positive"),
+        ({**MINIMAL, "training": {"max_steps": 10, "eval_sequences": 0}}, "training.eval_sequences must be positive"),
+        ({**MINIMAL, "lorsa": {"layers": [0], "use_qk_norm": "false"}}, "lorsa.use_qk_norm must be true or false"),
     ],
 )
 def test_invalid_recipes_name_the_problem(values, message):

@@ -101,6 +101,8 @@ def test_aux_loss_trains_only_dead_heads_and_freeze_qk(tiny_files, tmp_path):
 def test_bad_settings_fail_before_training(tiny_files, tmp_path):
     with pytest.raises(RecipeError, match="k_initial must be between 1 and lorsa n_ov_heads"):
         LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, training={"k_initial": 1000})))
+    with pytest.raises(RecipeError, match=r"data.context_length \(4096\) is beyond the \d+ positions"):
+        LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, data={"context_length": 4096})))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path))).train(resume=True)
 
