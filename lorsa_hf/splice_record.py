@@ -90,7 +90,8 @@ def save_spliced_pretrained(
     in the subfolder its record names, written atomically (a save into the model's own folder is safe)."""
     if push_to_hub:
         repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.realpath(save_directory))
-        hub_kwargs = {key: kwargs.pop(key) for key in ("commit_message", "private", "token", "revision") if key in kwargs}
+        names = ("commit_message", "private", "token", "revision")
+        hub_kwargs = {key: kwargs.pop(key) for key in names if key in kwargs}
         save_spliced_pretrained(model, save_directory, *args, state_dict=state_dict, **kwargs)
         model.push_to_hub(repo_id, **hub_kwargs)
         return
