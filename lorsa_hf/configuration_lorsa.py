@@ -124,6 +124,8 @@ class LorsaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         _refuse_unknown_kwargs(kwargs)
+        _check_types(self)  # before the defaults below are derived from these values
+        _check_positive(self)
         if self.layers is None:
             self.layers = [0]
         if self.base_head_dim is None:
@@ -165,6 +167,7 @@ class LorsaConfig(PreTrainedConfig):
             raise ValueError(f"LorsaConfig.{field}: {message}")
 
         _check_types(self)
+        _check_positive(self)
         if self.n_ov_heads % self.n_qk_heads != 0:
             fail(
                 "n_ov_heads",
@@ -268,11 +271,14 @@ def _check_types(config: LorsaConfig) -> None:
         value = getattr(config, field)
         raise TypeError(f"LorsaConfig.{field}: must be {expected}, got {value!r} ({type(value).__name__})")
 
+    derived = ("base_num_key_value_heads", "base_head_dim", "attn_scale", "rotary_dim", "layers", "rope_parameters")
     for field in POSITIVE_INTEGERS + ("rotary_dim",):
-        if not isinstance(getattr(config, field), int) or isinstance(getattr(config, field), bool):
+        value = getattr(config, field)
+        if (value is not None or field not in derived) and (not isinstance(value, int) or isinstance(value, bool)):
             fail(field, "an integer")
     for field in POSITIVE_NUMBERS + ("initializer_range",):
-        if not _is_number(getattr(config, field)):
+        value = getattr(config, field)
+        if (value is not None or field not in derived) and not _is_number(value):
             fail(field, "a number")
     for field in FLAGS:
         if not isinstance(getattr(config, field), bool):
@@ -283,12 +289,21 @@ def _check_types(config: LorsaConfig) -> None:
     for field in ("base_model_type", "activation", "implementation", "cache_format"):
         if not isinstance(getattr(config, field), str):
             fail(field, "a string")
-    if not isinstance(config.layers, list) or not all(
-        isinstance(layer, int) and not isinstance(layer, bool) for layer in config.layers
+    if config.layers is not None and (
+        not isinstance(config.layers, list)
+        or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in config.layers)
     ):
         fail("layers", "a list of integer layer indices")
-    if not isinstance(config.rope_parameters, dict):
+    if config.rope_parameters is not None and not isinstance(config.rope_parameters, dict):
         fail("rope_parameters", "a dict (rope_type, rope_theta, scaling factors)")
+
+
+def _check_positive(config: LorsaConfig) -> None:
+    """Raise a ValueError naming the first integer field that is set and not positive."""
+    for field in POSITIVE_INTEGERS:
+        value = getattr(config, field)
+        if value is not None and value <= 0:
+            raise ValueError(f"LorsaConfig.{field}: must be a positive integer, got {value!r}")
 
 
 def _refuse_unknown_kwargs(kwargs: dict[str, Any]) -> None:
