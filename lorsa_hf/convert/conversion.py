@@ -60,9 +60,38 @@ def _read(folder: Path, kind: str, weights_already_folded: bool) -> ForeignLorsa
     return read_paper_era(folder, weights_already_folded=weights_already_folded)
 
 
+# Model families a recorded base-model name names, by a piece of that name, and the model types they have.
+_FAMILIES = {
+    "pythia": ("gpt_neox",), "neox": ("gpt_neox",), "llama": ("llama",), "smollm": ("llama",),
+    "qwen": ("qwen2", "qwen3"), "mistral": ("mistral",),
+}
+
+
+def _check_recorded_base(lorsa: ForeignLorsa, base: BaseModelInfo) -> None:
+    """Refuse a base model whose architecture or name differs from what the foreign config records."""
+    recorded = lorsa.model_name
+    if not recorded:
+        return
+    given = base.name or f"a {base.config.model_type} model"
+    for piece, model_types in _FAMILIES.items():
+        if piece in recorded.lower() and base.config.model_type not in model_types:
+            raise CheckpointError(
+                f"{lorsa.path} was trained on {recorded!r} (a {'/'.join(model_types)} model, as its config records), "
+                f"but the base model given is {given!r}, a {base.config.model_type} model. Pass the base model this "
+                "Lorsa was trained on."
+            )
+    is_hub_id = base.name is not None and base.name.count("/") == 1 and not os.path.exists(base.name)
+    if is_hub_id and "/" in recorded and base.name.lower() != recorded.lower():
+        raise CheckpointError(
+            f"{lorsa.path} was trained on {recorded!r} (as its config records), but the base model given is "
+            f"{base.name!r}. Pass the base model this Lorsa was trained on."
+        )
+
+
 def _check_against_base(foreign: dict[int, ForeignLorsa], base: BaseModelInfo) -> None:
     first_layer, first = next(iter(foreign.items()))
     for layer, lorsa in foreign.items():
+        _check_recorded_base(lorsa, base)
         if lorsa.d_model != base.config.hidden_size:
             raise CheckpointError(
                 f"{lorsa.path} was trained for d_model {lorsa.d_model} but the base model {base.name or ''} has hidden "

@@ -210,3 +210,11 @@ def test_rotary_settings_parse_ntk_by_parts(tmp_path: Path) -> None:
     }
     with pytest.raises(CheckpointError, match="must be below"):
         rotary_settings({**config, "NTK_by_parts_low_freq_factor": 4.0}, 16, tmp_path)
+
+
+def test_a_base_of_another_architecture_than_the_recorded_one(paper_era: Path, bases) -> None:
+    """The paper-era fixture records model_name 'tiny-neox-open': a Llama base of the same width is refused."""
+    _refused(paper_era, bases["llama"], r"trained on 'tiny-neox-open' \(a gpt_neox model.*a llama model")
+    _edit_config(paper_era, model_name="EleutherAI/pythia-160m")
+    _refused(paper_era, bases["llama"], r"trained on 'EleutherAI/pythia-160m'.*a llama model")
+    assert convert_checkpoint(paper_era, bases["gpt_neox"]).lorsa.config.hidden_size == 64
