@@ -14,6 +14,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from .cache_support import check_cache
 from .configuration_lorsa import LorsaConfig
 from .convert.conversion import ConvertedLorsa, convert_if_foreign
 from .io import atomic_save_directory
@@ -110,9 +111,15 @@ class LorsaLayer(nn.Module):
         """
         config = self.config
         top_k = config.top_k if top_k is None else top_k
+        if not isinstance(top_k, int) or isinstance(top_k, bool):
+            raise TypeError(f"top_k must be an integer number of heads, got {top_k!r} ({type(top_k).__name__}).")
         if not 0 < top_k <= config.n_ov_heads:
             raise ValueError(f"top_k must be between 1 and n_ov_heads ({config.n_ov_heads}), got {top_k}.")
+        if cache is not None:
+            check_cache(cache, self.layer_idx)
         batch_size, seq_len, _ = hidden_states.shape
+        if batch_size == 0 or seq_len == 0:
+            return self._empty_output(hidden_states, top_k, output_activations)
         past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         # The dense reference path (the reference implementations' formulation) or the fast path
         path = PATHS[config.implementation]
@@ -146,6 +153,27 @@ class LorsaLayer(nn.Module):
             z=z.view(batch_size, seq_len, -1),
             top_k_values=top_k_values.view(batch_size, seq_len, top_k),
             top_k_indices=top_k_indices.view(batch_size, seq_len, top_k),
+        )
+
+    def _empty_output(self, hidden_states: torch.Tensor, top_k: int, output_activations: bool) -> LorsaLayerOutput:
+        """The output for no tokens (a batch of 0 sequences, or sequences of length 0): empty tensors."""
+        batch_size, seq_len, d = hidden_states.shape
+        output = hidden_states.new_zeros(batch_size, seq_len, d)
+        if not output_activations:
+            return LorsaLayerOutput(hidden_states=output)
+        return LorsaLayerOutput(
+            hidden_states=output,
+            z=hidden_states.new_zeros(batch_size, seq_len, self.config.n_ov_heads),
+            top_k_values=hidden_states.new_zeros(batch_size, seq_len, top_k),
+            top_k_indices=torch.zeros(batch_size, seq_len, top_k, dtype=torch.long, device=hidden_states.device),
+        )
+
+    def extra_repr(self) -> str:
+        config = self.config
+        return (
+            f"layer_idx={self.layer_idx}, hidden_size={config.hidden_size}, n_ov_heads={config.n_ov_heads}, "
+            f"n_qk_heads={config.n_qk_heads}, d_qk_head={config.d_qk_head}, top_k={config.top_k}, "
+            f"activation={config.activation!r}"
         )
 
     def _attend_and_select(
