@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import output_capturing
 
 from .adapters import ArchitectureAdapter, get_adapter
 from .configuration_lorsa import LorsaConfig
@@ -71,10 +72,28 @@ class LorsaSplicedAttention(nn.Module):
             attention_mask=arguments.get("attention_mask"),
             cache=cache,
         )
+        _record_no_pattern()
         return output.hidden_states, None
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, replaces={type(self.original_module).__name__}"
+
+
+def _record_no_pattern() -> None:
+    """With `output_attentions=True`, put None in this layer's place of the returned patterns (transformers
+    collects them from the attention classes it knows, so without this every later layer's pattern would sit one
+    place early). A Lorsa has no single pattern per base head to stand in for them."""
+    collector = getattr(output_capturing, "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    if collected is not None and "attentions" in collected:
+        collected["attentions"].append(None)
+
+
+def base_model_of(model: Any) -> PreTrainedModel:
+    """The transformers model inside a PEFT `PeftModel` (or `model` itself), whose attention slots are spliced."""
+    if not isinstance(model, PreTrainedModel) and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
 
 
 def _load_base_weights(
@@ -153,11 +172,18 @@ def lorsa_attention_modules(
 ) -> dict[int, LorsaSplicedAttention]:
     """The modules `splice` puts into `model`'s attention slots for `layers`, checked and built but not put in
     place (the eval suite runs them in the slots one run at a time). Every check runs before anything is built."""
+    model = base_model_of(model)
     layers = list(lorsa.config.layers if layers is None else layers)
     adapter = _check_compatible(lorsa, model, layers)
     for layer in layers:
         original = _first_floating_parameter(adapter.get_attention(model, layer))
         ours = lorsa.layer(layer).W_Q
+        if original is not None and original.device.type == "meta":
+            raise ValueError(
+                f"Layer {layer}'s attention is offloaded (its weights are on the meta device, as accelerate leaves "
+                "modules a device_map puts on 'disk' or 'cpu' offload): splicing would move the Lorsa there and "
+                "lose its weights. Load the base model with that layer on a real device."
+            )
         if original is not None and (original.device, original.dtype) != (ours.device, ours.dtype) and not move:
             raise ValueError(
                 f"Layer {layer}: the Lorsa is on {ours.device}/{ours.dtype} but the base model is on "
@@ -179,17 +205,19 @@ def splice(
     lorsa: SplicableLorsa, model: PreTrainedModel, layers: list[int] | None = None, move: bool = False
 ) -> PreTrainedModel:
     """Replace the attention modules of `layers` of `model` with `lorsa`'s layers, in place; see
-    `LorsaForReplacement.splice`. Every check runs before anything is replaced."""
-    adapter = get_adapter(model)
-    for layer, module in lorsa_attention_modules(lorsa, model, layers, move).items():
-        adapter.set_attention(model, layer, module)
-    update_record(model)
+    `LorsaForReplacement.splice`. Every check runs before anything is replaced. A PEFT model is spliced inside."""
+    base = base_model_of(model)
+    adapter = get_adapter(base)
+    for layer, module in lorsa_attention_modules(lorsa, base, layers, move).items():
+        adapter.set_attention(base, layer, module)
+    update_record(base)
     return model
 
 
 def unsplice(model: PreTrainedModel, lorsa: SplicableLorsa | None = None) -> PreTrainedModel:
     """Put back the attention modules that a Lorsa replaced in `model` (only `lorsa`'s when given, else every
     spliced layer), moved to the device and dtype the model has now, and return `model`."""
+    wrapper, model = model, base_model_of(model)
     adapter = get_adapter(model)
     spliced = []
     for index, layer in enumerate(adapter.decoder_layers(model)):
@@ -204,11 +232,12 @@ def unsplice(model: PreTrainedModel, lorsa: SplicableLorsa | None = None) -> Pre
         reference = module.lorsa.W_Q
         adapter.set_attention(model, index, module.original_module.to(device=reference.device, dtype=reference.dtype))
     update_record(model)
-    return model
+    return wrapper
 
 
 def spliced_layers(model: PreTrainedModel) -> list[int]:
     """Indices of the layers of `model` whose attention is currently a Lorsa."""
+    model = base_model_of(model)
     adapter = get_adapter(model)
     return [
         index
