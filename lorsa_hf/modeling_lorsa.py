@@ -121,8 +121,9 @@ class LorsaLayer(nn.Module):
         if batch_size == 0 or seq_len == 0:
             return self._empty_output(hidden_states, top_k, output_activations)
         past_length = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        # The dense reference path (the reference implementations' formulation) or the fast path
-        path = PATHS[config.implementation]
+        # The dense reference path (the reference implementations' formulation) or the fast path; under
+        # torch.compile the dense one, which the compiler traces and fuses (the fast path's blocks depend on data)
+        path = PATHS["dense" if torch.compiler.is_compiling() else config.implementation]
 
         # q and k [B, n_qk, T, d_qk], QK-normed and rotated
         query, key = path.project_queries_keys(hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K)

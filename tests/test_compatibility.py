@@ -232,3 +232,14 @@ def test_lm_eval_hflm_scores_the_spliced_model(tokenizer):
         logits = copy.deepcopy(model)(ids).logits.log_softmax(-1)[0]
     expected = sum(logits[len(context) - 1 + i, token].item() for i, token in enumerate(continuation))
     assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_torch_compile_fullgraph_gives_the_eager_logits(tokenizer):
+    """Under torch.compile the layer takes the dense path (the same function, which the compiler can trace)."""
+    model, _ = spliced("llama", tokenizer)
+    batch = tokenizer(["Anna met Bob and", "Bob"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        eager = model(**batch).logits
+        compiled = torch.compile(model, fullgraph=True)(**batch).logits
+    keep = batch.attention_mask.bool()
+    torch.testing.assert_close(compiled[keep], eager[keep], rtol=0, atol=1e-4)

@@ -78,6 +78,8 @@ def apply_rotary(
     if adjacent_pairs:  # the angle of pair i sits at dims 2i and 2i + 1
         cos = cos[..., : rotary_dim // 2].repeat_interleave(2, dim=-1)
         sin = sin[..., : rotary_dim // 2].repeat_interleave(2, dim=-1)
-    if not one_node or cos.requires_grad or sin.requires_grad:  # trained angles: plain autograd reaches them
+    # trained angles: plain autograd reaches them; under torch.compile the compiler fuses the plain ops itself
+    # (and cannot trace the `out=` writes into a strided view)
+    if not one_node or cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling():
         return _rotate(x, cos, sin, adjacent_pairs)
     return _Rotary.apply(x, cos, sin, adjacent_pairs)
