@@ -34,7 +34,7 @@ def exclusive(cache: Path, name: str) -> Iterator[None]:
     except ImportError:  # Windows: the atomic rename alone still prevents half-written folders.
         yield
         return
-    with open(cache / f".{name}.lock", "w") as handle:
+    with open(cache / f".{name}.build.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
