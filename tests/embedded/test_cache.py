@@ -24,7 +24,7 @@ def test_exclusive_creates_the_cache_and_a_lock_file_per_asset(tmp_path: Path) -
         assert folder.is_dir()
     with cache.exclusive(folder, "SmolLM2-135M"):  # released: a second build of the same asset may take it
         pass
-    assert sorted(p.name for p in folder.iterdir()) == [".SmolLM2-135M.lock"]
+    assert sorted(p.name for p in folder.iterdir()) == [".SmolLM2-135M.build.lock"]
 
 
 def test_sha256_file(tmp_path: Path) -> None:
