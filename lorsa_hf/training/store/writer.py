@@ -161,13 +161,20 @@ def _open_manifest(folder: Path, recipe: Recipe, hidden_size: int) -> dict[str, 
     for staging in folder.glob(".*.safetensors"):  # a shard a killed build was writing
         staging.unlink()
     differences = fingerprint_differences(manifest, recipe)
-    for key in ("layers", "dtype", "hidden_size"):
+    if manifest["complete"]:  # a finished store serves any recipe it holds enough for (the trainer checks how much)
+        missing = sorted(set(fresh["layers"]) - set(manifest["layers"]))
+        if missing:
+            differences.append(f"layers {missing} are not stored (the store has {manifest['layers']})")
+        keys = ("dtype", "hidden_size")
+    else:
+        keys = ("layers", "dtype", "hidden_size")
+        for name, split in fresh["splits"].items():
+            for key in ("planned_batches", "rows_per_batch"):
+                if manifest["splits"][name][key] != split[key]:
+                    differences.append(f"{name} {key}: store {manifest['splits'][name][key]}, recipe {split[key]}")
+    for key in keys:
         if manifest[key] != fresh[key]:
             differences.append(f"{key}: store {manifest[key]!r}, recipe {fresh[key]!r}")
-    for name, split in fresh["splits"].items():
-        for key in ("planned_batches", "rows_per_batch"):
-            if manifest["splits"][name][key] != split[key]:
-                differences.append(f"{name} {key}: store {manifest['splits'][name][key]}, recipe {split[key]}")
     if differences:
         raise StoreError(
             f"The partly or fully built store {folder} was started for other settings ({'; '.join(differences)}): "
