@@ -178,7 +178,8 @@ def test_a_killed_build_resumes_from_its_last_shard(built, tiny_files, tmp_path)
         assert shard.read_bytes() == (folder / shard.name).read_bytes()
     ActivationStore(folder).check(recipe)
     with pytest.raises(StoreError, match="started for other settings"):
-        build_store(store_recipe(tiny_files, tmp_path, layers=[1]), progress=False)
+        build_store(store_recipe(tiny_files, tmp_path, layers=[2]), progress=False)
+    build_store(store_recipe(tiny_files, tmp_path, layers=[1]), progress=False)  # a finished store of more layers
 
 
 def test_training_from_the_store_equals_training_live_bit_for_bit(built, tiny_files, tmp_path):
