@@ -53,6 +53,19 @@ def split_values(raw: str) -> list[str]:
     return [part.strip() for part in parts]
 
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_value(text: str) -> Any:
+    """A YAML value; numbers YAML 1.1 leaves as strings (`1e-3`, no dot) are read as numbers."""
+    if not text:
+        return None
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and NUMBER.fullmatch(value):
+        return float(value)
+    return value
+
+
 def parse_arguments(arguments: list[str]) -> tuple[dict[str, Any], list[Axis]]:
     """(fixed overrides, swept axes) from `key=v1,v2,...` arguments."""
     fixed: dict[str, Any] = {}
@@ -64,7 +77,7 @@ def parse_arguments(arguments: list[str]) -> tuple[dict[str, Any], list[Axis]]:
         if key in fixed or any(axis.key == key for axis in axes):
             raise RecipeError(f"Sweep key {key} is given twice; list all its values in one argument.")
         try:
-            values = [yaml.safe_load(part) if part else None for part in split_values(raw)]
+            values = [parse_value(part) for part in split_values(raw)]
         except yaml.YAMLError as error:
             raise RecipeError(f"Sweep argument {argument!r}: a value is not valid YAML ({error}).") from error
         if len(values) == 1:
@@ -139,6 +152,6 @@ def configuration_name(index: int, overrides: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "Axis", "configuration_name", "default_budget", "expand", "lorsa_value", "parse_arguments", "qk_parameters",
-    "split_values", "with_qk_budget",
+    "Axis", "configuration_name", "default_budget", "expand", "lorsa_value", "parse_arguments", "parse_value",
+    "qk_parameters", "split_values", "with_qk_budget",
 ]

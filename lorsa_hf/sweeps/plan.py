@@ -47,11 +47,11 @@ class SweepPlan:
         apply_overrides(values, [f"{key}={json.dumps(value)}" for key, value in settings.items()])
         return values
 
-    def recipe(self, configuration: Configuration) -> Recipe:
+    def recipe_of(self, configuration: Configuration) -> Recipe:
         return recipe_from_dict(self.recipe_values(configuration.overrides, configuration.output_dir))
 
     def recipes(self) -> list[Recipe]:
-        return [self.recipe(configuration) for configuration in self.configurations]
+        return [self.recipe_of(configuration) for configuration in self.configurations]
 
     def store_recipe(self) -> Recipe:
         """The recipe the shared store is built from: every configuration's layers, the most training tokens

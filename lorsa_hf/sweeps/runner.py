@@ -116,7 +116,7 @@ def run_sweep(plan: SweepPlan, rank: int = 0, world: int = 1, log: Callable[[str
         if is_done(configuration):
             log(f"[sweep] {configuration.name}: done before, skipped")
             continue
-        recipe = plan.recipe(configuration)
+        recipe = plan.recipe_of(configuration)
         if base is None:
             base = load_base_model(recipe)
         log(f"[sweep] {configuration.name}: training")

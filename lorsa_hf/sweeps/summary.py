@@ -38,7 +38,7 @@ def collect(plan: SweepPlan) -> list[dict[str, Any]]:
     rows = []
     for configuration in plan.configurations:
         folder = Path(configuration.output_dir)
-        recipe = plan.recipe(configuration)
+        recipe = plan.recipe_of(configuration)
         lorsa = recipe.lorsa.to_dict()
         row: dict[str, Any] = {
             "index": configuration.index, "name": configuration.name, "overrides": configuration.overrides,

@@ -219,7 +219,7 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
 
 def _layers_as_list(section: str, values: Any) -> Any:
     """A `lorsa` or `store` section with `layers` as a list (one index is read as a list of one)."""
-    if not isinstance(values, dict) or "layers" not in values:
+    if not isinstance(values, dict) or values.get("layers") is None:
         return values
     layers = values["layers"]
     if isinstance(layers, int) and not isinstance(layers, bool):

@@ -24,6 +24,8 @@ from ..recipe import Recipe
 FORMAT = "lorsa-hf-activation-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+SHARD_METADATA = "lorsa_hf"
+"""The shard metadata key holding its split and the packer state after each of its batches (JSON)."""
 SPLITS = ("calibration", "heldout", "train")
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROW_DTYPE = torch.int64
@@ -95,12 +97,9 @@ def shard_name(split: str, index: int) -> str:
 
 def new_manifest(recipe: Recipe, hidden_size: int) -> dict[str, Any]:
     """The manifest of an empty store for `recipe`; the writer fills in the shards."""
-    from ... import __version__
-
     return {
         "format": FORMAT,
         "version": VERSION,
-        "lorsa_hf_version": __version__,
         **fingerprint(recipe),
         "layers": store_layers(recipe),
         "hidden_size": hidden_size,
@@ -147,7 +146,7 @@ def fingerprint_differences(manifest: dict[str, Any], recipe: Recipe) -> list[st
 
 
 __all__ = [
-    "FINGERPRINT_KEYS", "MANIFEST", "ROW_DTYPE", "SPLITS", "STORE_DTYPES", "SplitPlan", "StoreError", "activation_name",
-    "fingerprint", "fingerprint_differences", "new_manifest", "plan_splits", "read_manifest", "row_bytes",
-    "shard_name", "store_dtype", "store_layers", "write_manifest",
+    "FINGERPRINT_KEYS", "MANIFEST", "ROW_DTYPE", "SHARD_METADATA", "SPLITS", "STORE_DTYPES", "SplitPlan",
+    "StoreError", "activation_name", "fingerprint", "fingerprint_differences", "new_manifest", "plan_splits",
+    "read_manifest", "row_bytes", "shard_name", "store_dtype", "store_layers", "write_manifest",
 ]

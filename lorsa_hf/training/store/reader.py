@@ -24,6 +24,7 @@ from ..data import PackerState
 from ..recipe import Recipe
 from .layout import (
     ROW_DTYPE,
+    SHARD_METADATA,
     SPLITS,
     STORE_DTYPES,
     StoreError,
@@ -125,7 +126,7 @@ class ActivationStore:
                 f"Shard {entry['file']} of the activation store {self.folder} holds {found}, the manifest "
                 f"describes {expected}; {rebuild}."
             )
-        states = [PackerState.from_dict(s) for s in json.loads(_shard_metadata(data)["states"])]
+        states = [PackerState.from_dict(s) for s in json.loads(_shard_metadata(data)[SHARD_METADATA])["states"]]
         return tensors, states
 
     def shard(self, split: str, index: int) -> tuple[dict[str, torch.Tensor], list[PackerState]]:

@@ -28,6 +28,7 @@ from ..data import PackerState, TextSource, batches, packer, text_sources
 from ..recipe import Recipe
 from .layout import (
     MANIFEST,
+    SHARD_METADATA,
     STORE_DTYPES,
     SplitPlan,
     StoreError,
@@ -98,8 +99,10 @@ def _shard_bytes(
         for kind in ("inputs", "outputs"):
             parts = [getattr(acts[layer], kind).cpu().to(dtype) for _, _, _, acts in chunk]
             tensors[activation_name(layer, kind)] = torch.cat(parts).contiguous()
-    states = json.dumps([state.to_dict() for _, _, state, _ in chunk])
-    return save(tensors, metadata={"split": split, "states": states})
+    # One metadata key: safetensors writes several in an order that changes from process to process, and a
+    # resumed build must give the same bytes as an uninterrupted one.
+    details = json.dumps({"split": split, "states": [state.to_dict() for _, _, state, _ in chunk]})
+    return save(tensors, metadata={SHARD_METADATA: details})
 
 
 def _write_shard(folder: Path, split: dict[str, Any], name: str, data: bytes, first: int, count: int,
