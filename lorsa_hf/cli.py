@@ -45,7 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in SUBCOMMANDS:
         register(subparsers)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` arguments may come after options (`sweep R a=1,2 --list b=3`); a subcommand that takes them
+    # names its list in `intermixed`, and anything else left over is an error as usual.
+    target = getattr(args, "intermixed", None)
+    if extra and (target is None or any(not item or item.startswith("-") or "=" not in item for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, target).extend(extra)
     return args.func(args)
 
 

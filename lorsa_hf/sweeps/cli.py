@@ -64,7 +64,7 @@ def register_sweep(subparsers: argparse._SubParsersAction) -> None:
             return 1
         return 0
 
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, intermixed="arguments")
 
 
 __all__ = ["register_sweep"]

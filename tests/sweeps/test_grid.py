@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -79,3 +81,17 @@ def test_a_plan_gives_each_configuration_its_folder_recipe_and_the_shared_store(
         make_plan(str(path), ["data.context_length=16,32"]).store_recipe()
     with pytest.raises(RecipeError, match="lorsa.top_k"):
         make_plan(str(path), ["lorsa.top_k=4,zero"])
+
+
+def test_the_command_line_takes_sweep_arguments_before_and_after_options(tiny_files, tmp_path, capsys):
+    from lorsa_hf.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_files, tmp_path / "run")))
+    assert main(["sweep", str(path), "lorsa.top_k=2,4", "--print-plan", "--list", "training.max_steps=3"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["mode"] == "list" and plan["fixed"] == {"training.max_steps": 3}
+    assert [c["overrides"] for c in plan["configurations"]] == [{"lorsa.top_k": 2}, {"lorsa.top_k": 4}]
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "lorsa.top_k=2,4", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

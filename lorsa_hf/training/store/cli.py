@@ -39,7 +39,7 @@ def register_store(subparsers: argparse._SubParsersAction) -> None:
         print(json.dumps({"store": str(folder), "tokens": ActivationStore(folder).manifest["tokens"]}))
         return 0
 
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, intermixed="overrides")
 
 
 def _plan(recipe) -> dict:
