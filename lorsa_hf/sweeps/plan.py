@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text
 from ..training.recipe import Recipe, RecipeError, apply_overrides, read_recipe_values, recipe_from_dict
 from ..training.store.layout import fingerprint
 from .grid import configuration_name, default_budget, expand, parse_arguments, with_qk_budget

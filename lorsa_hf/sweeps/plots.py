@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_path
+from ..io import atomic_write_path
 from .grid import D_QK, N_QK
 from .plan import SweepPlan
 

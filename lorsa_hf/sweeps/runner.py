@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text
 from ..training import checkpoint
 from ..training.activations import load_base_model
 from ..training.recipe import Recipe

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text
 from .grid import D_QK, N_OV, N_QK, lorsa_value, qk_parameters
 from .plan import SweepPlan
 

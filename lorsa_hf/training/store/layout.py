@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..._io import atomic_write_text
+from ...io import atomic_write_text
 from ..recipe import Recipe
 
 FORMAT = "lorsa-hf-activation-store"

@@ -22,7 +22,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..._io import atomic_write_path
+from ...io import atomic_write_path
 from ..activations import ActivationSource, LayerActivations, load_base_model
 from ..data import PackerState, TextSource, batches, packer, text_sources
 from ..recipe import Recipe
