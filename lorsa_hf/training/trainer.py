@@ -1,7 +1,8 @@
 """Training Lorsas on a frozen base model's attention blocks (docs/method.md §3), on one CPU or many GPUs.
 
-Every process reads the same deterministic stream of packed rows (`data`) and takes its slice of each
-global batch; how the processes share the layers is the `training.distribute` strategy (`distributed`).
+Every process reads the same deterministic stream of packed rows (`data`), or of the batches an activation
+store holds (`store`, with their activations), and takes its slice of each global batch; how the processes
+share the layers is the `training.distribute` strategy (`distributed`).
 A step runs each layer's forward and loss (`step`), measures it (`metrics`), and follows the LR and K
 schedules (`schedules`); checkpoints resume a killed run bit for bit (`checkpoint`).
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,29 @@ def test_a_configuration_is_the_run_train_makes_with_its_recipe(recipe_file, tmp
     with pytest.raises(SystemExit):
         main(["sweep", str(recipe_file), "lorsa.top_k=2,8", "--output-dir", str(tmp_path / "s")])
     assert "holds another sweep" in capsys.readouterr().err
+
+
+def test_the_processes_of_a_launch_take_their_share_of_the_configurations(recipe_file, tmp_path):
+    """Two processes (`accelerate launch`, gloo on CPU): process 0 trains configurations 0 and 2, process 1
+    trains 1, each as a one-process run, with the weights a one-process sweep gives."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    arguments = ["lorsa.top_k=2,4,8", "training.max_steps=4"]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m",
+        "lorsa_hf.cli", "sweep", str(recipe_file), *arguments, "--output-dir", str(tmp_path / "launched"),
+    ]
+    result = subprocess.run(command, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = [line.split()[1].rstrip(":") for line in result.stdout.splitlines() if line.endswith(": training")]
+    assert sorted(trained) == ["000-top_k=2", "001-top_k=4", "002-top_k=8"]
+    assert run_sweep(make_plan(str(recipe_file), arguments, output_dir=str(tmp_path / "alone"))) == []
+    for name in trained:
+        launched = load_file(str(tmp_path / "launched" / "runs" / name / "final" / "model.safetensors"))
+        alone = load_file(str(tmp_path / "alone" / "runs" / name / "final" / "model.safetensors"))
+        assert all(torch.equal(launched[k], alone[k]) for k in alone)
+    summary = json.loads((tmp_path / "launched" / "sweep.json").read_text())
+    assert [row["status"] for row in summary["configurations"]] == ["done"] * 3

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
 def register_store(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +46,7 @@ def register_store(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run, intermixed="overrides")
 
 
-def _plan(recipe) -> dict:
+def _plan(recipe: Recipe) -> dict[str, Any]:
     """Bytes and tokens per split, from the base model's config alone."""
     from transformers import AutoConfig
 
