@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from .convert.cli import register as _register_convert
 from .embedded.cli import register_cli as _register_embedded
 from .evals.cli import register_eval as _register_eval
+from .sweeps.cli import register_sweep as _register_sweep
 from .training.cli import register_train as _register_train
+from .training.store.cli import register_store as _register_store
 
 Registrar = Callable[[argparse._SubParsersAction], None]
 
@@ -34,7 +36,8 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-SUBCOMMANDS: list[Registrar] = [_register_demo, _register_embedded, _register_convert, _register_train, _register_eval]
+SUBCOMMANDS: list[Registrar] = [_register_demo, _register_embedded, _register_convert, _register_train, _register_store,
+                               _register_sweep, _register_eval]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in SUBCOMMANDS:
         register(subparsers)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` arguments may come after options (`sweep R a=1,2 --list b=3`); a subcommand that takes them
+    # names its list in `intermixed`, and anything else left over is an error as usual.
+    target = getattr(args, "intermixed", None)
+    if extra and (target is None or any(not item or item.startswith("-") or "=" not in item for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, target).extend(extra)
     return args.func(args)
 
 

@@ -32,6 +32,8 @@ RESUMABLE_CHANGES = {
     "output_dir", "training.eval_every", "training.eval_sequences", "training.checkpoint_every",
     "training.keep_checkpoints", "training.log_every", "training.loggers", "training.progress_bar",
     "model.cache_dir", "model.attn_implementation",
+    # Where the activations come from: a store holds the activations a live run computes, bit for bit.
+    "store.path", "store.layers", "store.train_tokens", "store.shard_mb",
 }
 
 CHECKPOINT_PREFIX = "step-"

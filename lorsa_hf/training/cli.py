@@ -44,7 +44,7 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
             print(json.dumps({k: v for k, v in metrics.items() if k in keys}))
         return 0
 
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, intermixed="overrides")
 
 
 __all__ = ["register_train"]

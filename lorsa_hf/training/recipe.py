@@ -1,7 +1,7 @@
 """Training recipes: one YAML or TOML file per run, validated on load with errors that name the bad key.
 
-A recipe has the sections `model`, `data`, `lorsa`, `init`, `training` and the top-level keys `name` and
-`output_dir`. `lorsa` holds `LorsaConfig` fields (`layers`, `n_ov_heads`, `top_k`, ...); everything the Lorsa
+A recipe has the sections `model`, `data`, `lorsa`, `init`, `training`, `store` and the top-level keys `name`
+and `output_dir`. `lorsa` holds `LorsaConfig` fields (`layers`, `n_ov_heads`, `top_k`, ...); everything the Lorsa
 section does not set comes from the base model (`LorsaConfig.from_base_config`). Command-line overrides are
 `section.key=value` strings whose value is parsed as YAML (`training.lr=1e-3`, `lorsa.layers=[3,4]`).
 """
@@ -149,6 +149,22 @@ class TrainingSection:
 
 
 @dataclass
+class StoreSection:
+    """An activation store (`lorsa-hf store`): the base model's attention inputs and outputs, written once."""
+
+    path: str | None = None
+    """Folder of the store. Set: training reads activations from it instead of running the base model."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Dtype on disk; default `model.dtype`, which is lossless (the activations are that dtype already)."""
+    layers: list[int] | None = None
+    """Layers to store; default `lorsa.layers`. A store of more layers serves a recipe of any of them."""
+    train_tokens: int | None = None
+    """Training tokens to store; default what the recipe trains on. A longer store serves shorter runs."""
+    shard_mb: float = 256.0
+    """Approximate size of one shard file."""
+
+
+@dataclass
 class Recipe:
     """A complete training run."""
 
@@ -159,6 +175,7 @@ class Recipe:
     lorsa: LorsaSection = field(default_factory=LorsaSection)
     init: InitSection = field(default_factory=InitSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    store: StoreSection = field(default_factory=StoreSection)
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -182,15 +199,15 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
         raise RecipeError(f"A recipe must be a mapping of sections, got {type(values).__name__}.")
     sections = {
         "model": ModelSection, "data": DataSection, "lorsa": LorsaSection, "init": InitSection,
-        "training": TrainingSection,
+        "training": TrainingSection, "store": StoreSection,
     }
     top = [f.name for f in dataclasses.fields(Recipe)]
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in top:
             raise unknown_key("", key, top)
-        if key == "lorsa":
-            value = _lorsa_layers(value or {})
+        if key in ("lorsa", "store"):
+            value = _layers_as_list(key, value or {})
         if key in sections:
             kwargs[key] = build_section(sections[key], value or {}, f"{key}.")
         else:
@@ -200,15 +217,15 @@ def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def _lorsa_layers(values: Any) -> Any:
-    """The `lorsa` section with `layers` as a list (one index is read as a list of one)."""
-    if not isinstance(values, dict) or "layers" not in values:
+def _layers_as_list(section: str, values: Any) -> Any:
+    """A `lorsa` or `store` section with `layers` as a list (one index is read as a list of one)."""
+    if not isinstance(values, dict) or values.get("layers") is None:
         return values
     layers = values["layers"]
     if isinstance(layers, int) and not isinstance(layers, bool):
         return {**values, "layers": [layers]}
     if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
-        raise RecipeError(f"lorsa.layers must be a layer index or a non-empty list of them, got {layers!r}.")
+        raise RecipeError(f"{section}.layers must be a layer index or a non-empty list of them, got {layers!r}.")
     return values
 
 
@@ -226,6 +243,7 @@ def _validate(recipe: Recipe) -> None:
         ("training.eval_sequences", training.eval_sequences), ("training.dead_tokens", training.dead_tokens),
         ("training.k_initial", training.k_initial), ("training.k_aux", training.k_aux),
         ("data.heldout_documents", data.heldout_documents),
+        ("store.train_tokens", recipe.store.train_tokens), ("store.shard_mb", recipe.store.shard_mb),
     ):
         if value is not None and value <= 0:
             raise RecipeError(f"Recipe key {path} must be positive, got {value}.")
@@ -317,6 +335,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def read_recipe_values(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file (or bundled recipe name) parsed into nested dicts, not yet validated."""
+    return _parse_file(resolve_recipe_path(name_or_path))
+
+
 def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file."""
     path = resolve_recipe_path(name_or_path)
@@ -329,6 +352,7 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
 
 
 __all__ = [
-    "DataSection", "InitSection", "LorsaSection", "ModelSection", "Recipe", "RecipeError", "TrainingSection",
-    "apply_overrides", "load_recipe", "recipe_from_dict", "resolve_recipe_path",
+    "DataSection", "InitSection", "LorsaSection", "ModelSection", "Recipe", "RecipeError", "StoreSection",
+    "TrainingSection",
+    "apply_overrides", "load_recipe", "read_recipe_values", "recipe_from_dict", "resolve_recipe_path",
 ]

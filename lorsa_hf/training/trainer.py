@@ -1,7 +1,8 @@
 """Training Lorsas on a frozen base model's attention blocks (docs/method.md §3), on one CPU or many GPUs.
 
-Every process reads the same deterministic stream of packed rows (`data`) and takes its slice of each
-global batch; how the processes share the layers is the `training.distribute` strategy (`distributed`).
+Every process reads the same deterministic stream of packed rows (`data`), or of the batches an activation
+store holds (`store`, with their activations), and takes its slice of each global batch; how the processes
+share the layers is the `training.distribute` strategy (`distributed`).
 A step runs each layer's forward and loss (`step`), measures it (`metrics`), and follows the LR and K
 schedules (`schedules`); checkpoints resume a killed run bit for bit (`checkpoint`).
 """
@@ -9,7 +10,9 @@ schedules (`schedules`); checkpoints resume a killed run bit for bit (`checkpoin
 from __future__ import annotations
 
 import copy
+import math
 import time
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,13 @@ from ..modeling_lorsa import LorsaForReplacement
 from . import checkpoint
 from .activations import ActivationSource, load_base_model
 from .data import PackerState, TextSource, batches, first_batch, heldout_batches, loss_mask, packer, text_sources
-from .distributed import make_accelerator, make_strategy
+from .distributed import ActivationsFn, make_accelerator, make_strategy
 from .init import initialize_layer
 from .metrics import DeadHeadTracker, LayerStats, MetricsLog, Stats, add_stats, reduce_stats, summarize
 from .recipe import Recipe, RecipeError, TrainingSection
 from .schedules import lr_factor, top_k_at
 from .step import AuxiliaryLoss, Batch, LayerOutput, LorsaTrainingModule, run_layers, training_loss
+from .store import SPLITS, ActivationStore
 
 
 class LorsaTrainer:
@@ -61,16 +65,20 @@ class LorsaTrainer:
             model, tokenizer = load_base_model(recipe)
         self.base_model = model.to(acc.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        if train_text is None or heldout_text is None:
-            train_text, heldout_text = text_sources(recipe.data)
-        self.train_text, self.heldout_text = train_text, heldout_text
-
         self.config = self._lorsa_config(model)
         self._check_context_length(model)
         self.layers = list(self.config.layers)
+        self.store: ActivationStore | None = None
+        if recipe.store.path:
+            self.store = ActivationStore(recipe.store.path)
+            self.store.check(recipe)
+        elif train_text is None or heldout_text is None:
+            train_text, heldout_text = text_sources(recipe.data)
+        self.train_text, self.heldout_text = train_text, heldout_text
         self.strategy = make_strategy(training.distribute, acc, self.layers)
         self.owned = self.strategy.owned
-        self.source = ActivationSource(self.base_model, self.layers)
+        self.sources = self._activation_sources()
+        self.source = self.sources["train"]
         self.total_steps = recipe.total_steps
         self.k_aux = training.k_aux or self.config.hidden_size // 2
         self._check_k(training)
@@ -113,6 +121,15 @@ class LorsaTrainer:
                 f"of the base model {self.recipe.model.name}; use at most {positions}."
             )
 
+    def _activation_sources(self) -> dict[str, ActivationsFn]:
+        """Per split (calibration, heldout, train), what gives the base-model activations of rows: the live
+        model, or the store, looking in that split first (the same rows may sit in two forward batches)."""
+        if self.store is None:
+            live = ActivationSource(self.base_model, self.layers)
+            return {split: live for split in SPLITS}
+        device = self.accelerator.device
+        return {split: self.store.activations(self.layers, device, prefer=split) for split in SPLITS}
+
     def _check_k(self, training: TrainingSection) -> None:
         for name, k in (("training.k_initial", training.k_initial), ("training.k_aux", training.k_aux)):
             if k is not None and not 0 < k <= self.config.n_ov_heads:
@@ -123,13 +140,17 @@ class LorsaTrainer:
         options, device = self.recipe.init, self.accelerator.device
         calibration = None
         if options.b_o == "mean" or options.match_norm:
-            rows = first_batch(self.train_text, self.tokenizer, self.recipe.data, options.calibration_sequences)
+            if self.store is not None:
+                rows = next(self.store.batches("calibration"), None)
+                rows = None if rows is None else rows[:2]
+            else:
+                rows = first_batch(self.train_text, self.tokenizer, self.recipe.data, options.calibration_sequences)
             if rows is None:
                 raise ValueError(
                     f"The training text has fewer than init.calibration_sequences={options.calibration_sequences} rows."
                 )
             ids, attention = rows
-            activations = self.source(ids, attention)
+            activations = self.sources["calibration"](ids, attention)
             mask = loss_mask(ids, attention, self.tokenizer.bos_token_id).to(device)
             attention_mask = None if bool(attention.all()) else attention.to(device)
             calibration = {layer: activations[layer] for layer in self.owned}
@@ -144,13 +165,24 @@ class LorsaTrainer:
     def heldout(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out batches every evaluation runs on."""
         data, sequences = self.recipe.data, self.recipe.training.eval_sequences
+        if self.store is not None:
+            count = max(1, math.ceil(sequences / data.batch_size))
+            return [(ids, attention) for ids, attention, _ in self.store.batches("heldout", 0, count)]
         return heldout_batches(self.heldout_text, self.tokenizer, data, sequences)
+
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, PackerState]]:
+        """The global batches from the current step on, with the packer position after each."""
+        if self.store is not None:
+            return self.store.batches("train", start=self.step)
+        position = PackerState.from_dict(self.packer_state.to_dict())
+        rows = packer(self.train_text, self.tokenizer, self.recipe.data, position)
+        return batches(rows, self.recipe.data.batch_size)
 
     # -------------------------------------------------------------------------------------------- one step
 
-    def prepare_batch(self, ids: torch.Tensor, attention: torch.Tensor) -> Batch:
-        """The activations this process trains on for a global batch (see `distributed`)."""
-        return self.strategy.batch(ids, attention, self.source, self.tokenizer.bos_token_id)
+    def prepare_batch(self, ids: torch.Tensor, attention: torch.Tensor, split: str = "train") -> Batch:
+        """The activations this process trains on for a global batch of `split` (see `distributed`)."""
+        return self.strategy.batch(ids, attention, self.sources[split], self.tokenizer.bos_token_id)
 
     def forward(self, batch: Batch, top_k: int, with_auxiliary: bool = False) -> dict[int, LayerOutput]:
         """Every layer of `batch`, with the dead heads' reconstruction where they get the auxiliary loss."""
@@ -214,7 +246,7 @@ class LorsaTrainer:
         self.module.eval()
         total = None
         for ids, attention in self.heldout:
-            batch = self.prepare_batch(ids, attention)
+            batch = self.prepare_batch(ids, attention, "heldout")
             total = add_stats(total, self.measure(batch, self.forward(batch, self.config.top_k)))
         total = reduce_stats(total, self.strategy.reduce)
         metrics = summarize(total, prefix="heldout/")
@@ -293,15 +325,13 @@ class LorsaTrainer:
         if training.loggers:
             config = checkpoint.flatten_recipe(self.recipe.to_dict(), scalars_only=True)
             acc.init_trackers(self.recipe.name, config=config)
-        position = PackerState.from_dict(self.packer_state.to_dict())
-        rows = packer(self.train_text, self.tokenizer, self.recipe.data, position)
         tokens_per_step = self.recipe.tokens_per_step
         bar = tqdm(
             total=self.total_steps * tokens_per_step, initial=self.step * tokens_per_step, unit="tok",
             unit_scale=True, disable=not (acc.is_main_process and training.progress_bar), dynamic_ncols=True,
         )
         window, window_start, window_steps = None, time.perf_counter(), 0
-        for ids, attention, state in batches(rows, self.recipe.data.batch_size):
+        for ids, attention, state in self.train_batches():
             if self.step >= self.total_steps:
                 break
             window = add_stats(window, self.train_step(ids, attention))

@@ -98,3 +98,16 @@ def test_lorsa_section_has_every_field_a_recipe_may_set():
     }
     config_fields = {name for name in vars(LorsaConfig)["__annotations__"] if not name.startswith("_")}
     assert {f.name for f in dataclasses.fields(LorsaSection)} == config_fields - from_base
+
+
+def test_the_store_section_defaults_to_training_live_and_round_trips():
+    recipe = recipe_from_dict(MINIMAL)
+    assert recipe.store.path is None and recipe.store.layers is None and recipe.store.dtype is None
+    stored = recipe_from_dict({**MINIMAL, "store": {"path": "runs/store", "layers": 3, "dtype": "bfloat16"}})
+    assert stored.store.layers == [3]
+    for values in (recipe.to_dict(), stored.to_dict()):
+        assert recipe_from_dict(values).to_dict() == values
+    with pytest.raises(RecipeError, match="store.shard_mb must be positive"):
+        recipe_from_dict({**MINIMAL, "store": {"shard_mb": 0}})
+    with pytest.raises(RecipeError, match="Unknown recipe key 'store.pth'"):
+        recipe_from_dict({**MINIMAL, "store": {"pth": "x"}})
