@@ -43,10 +43,12 @@ def _finite(value: Any) -> bool:
 def headline_metrics(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The numbers a card's `model-index` carries, from an eval run's `results.json` content: per layer set
     (each layer, then all), FVU, L0, dead fraction, CE and KL spliced, loss recovered, and the SAELens-named
-    scores. Each entry: `task` (the layer set), `type` (the results key), `name` (for people), `value`."""
+    scores. Each entry: `type` (`layer_<L>/<key>` or `all_layers/<key>`, the key as in results.json), `name`
+    (for people) and `value`."""
     entries = []
     sets = results["downstream"]["layer_sets"]
     for layer_set, downstream in sets.items():
+        prefix = f"layer_{layer_set}" if layer_set != "all" else "all_layers"
         task = f"layer {layer_set}" if layer_set != "all" else f"layers {', '.join(map(str, downstream['layers']))}"
         values: list[tuple[str, str, Any]] = []
         reconstruction = results["reconstruction"].get(layer_set, {})
@@ -55,7 +57,7 @@ def headline_metrics(results: dict[str, Any]) -> list[dict[str, Any]]:
         saelens = results.get("saelens", {}).get(layer_set, {})
         values += [(key, f"{key} (SAELens)", saelens.get(key)) for key in HEADLINE_SAELENS]
         entries += [
-            {"task": task, "type": key, "name": name, "value": float(value)}
+            {"type": f"{prefix}/{key}", "name": f"{task}: {name}", "value": float(value)}
             for key, name, value in values
             if _finite(value)
         ]
@@ -73,17 +75,15 @@ def card_mismatches(card_text: str, results: dict[str, Any]) -> list[str]:
     from huggingface_hub import ModelCard
 
     card = ModelCard(card_text, ignore_metadata_errors=False)
-    found = {(r.task_name, r.metric_type): r.metric_value for r in card.data.eval_results or []}
-    wanted = {(e["task"], e["type"]): e["value"] for e in headline_metrics(results)}
-    problems = [f"{task} {metric}: card has no value, results.json has {value}" for (task, metric), value in
-                wanted.items() if (task, metric) not in found]
+    found = {r.metric_type: r.metric_value for r in card.data.eval_results or []}
+    wanted = {e["type"]: e["value"] for e in headline_metrics(results)}
+    problems = [f"{key}: card has no value, results.json has {v}" for key, v in wanted.items() if key not in found]
     problems += [
-        f"{task} {metric}: card says {found[task, metric]}, results.json says {value}"
-        for (task, metric), value in wanted.items()
-        if (task, metric) in found and not math.isclose(float(found[task, metric]), value, rel_tol=1e-9, abs_tol=0)
+        f"{key}: card says {found[key]}, results.json says {value}"
+        for key, value in wanted.items()
+        if key in found and not math.isclose(float(found[key]), value, rel_tol=1e-9, abs_tol=0)
     ]
-    problems += [f"{task} {metric}: in the card, not in results.json" for task, metric in found if
-                 (task, metric) not in wanted]
+    problems += [f"{key}: in the card, not in results.json" for key in found if key not in wanted]
     return problems
 
 

@@ -46,7 +46,7 @@ def card_data(
         datasets = [source["path"]] if source.get("source") == "hf" and source.get("path") else [EMBEDDED_DATASET]
     evaluated = [
         EvalResult(
-            task_type="text-generation", task_name=entry["task"], dataset_type="text",
+            task_type="text-generation", task_name="attention blocks replaced by the Lorsa", dataset_type="text",
             dataset_name=dataset_name(results), metric_type=entry["type"], metric_name=entry["name"],
             metric_value=entry["value"],
         )
@@ -134,20 +134,21 @@ def training_section(recipe: dict[str, Any] | None, training_metrics: dict[str, 
 
 
 def _use_section(base: str, repo: str) -> list[str]:
-    loader = "load_embedded_model()[0]" if base == EMBEDDED_BASE else f"AutoModelForCausalLM.from_pretrained({base!r})"
-    imports = "from lorsa_hf import LorsaForReplacement" + (", load_embedded_model" if base == EMBEDDED_BASE else "")
-    lines = ["## Load and splice", "", "```python", imports]
-    if base != EMBEDDED_BASE:
-        lines.append("from transformers import AutoModelForCausalLM")
-    lines += [
-        f"model = LorsaForReplacement.from_pretrained({json.dumps(repo)}).splice({loader}, move=True)",
+    embedded = base == EMBEDDED_BASE
+    loader = "load_embedded_model()[0]" if embedded else json.dumps(base)
+    return [
+        "## Load and splice",
+        "",
+        "```python",
+        "from lorsa_hf import load_spliced" + (", load_embedded_model" if embedded else ""),
+        f"model = load_spliced({loader}, {json.dumps(repo)})  # the Lorsa in place of the attention blocks",
         "```",
         "",
-        "The model's attention blocks of the Lorsa's layers are replaced in place; `model.generate()` and every "
-        "transformers API work as before, and `lorsa_hf.unsplice(model)` restores the original blocks.",
+        f"or by hand: `lorsa = LorsaForReplacement.from_pretrained({json.dumps(repo)})`, then "
+        "`lorsa.splice(model, move=True)`. `model.generate()` and every transformers API work as before; "
+        "`lorsa_hf.unsplice(model)` restores the original blocks.",
         "",
     ]
-    return lines
 
 
 def model_card(

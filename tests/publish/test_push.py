@@ -58,7 +58,7 @@ def test_a_card_whose_numbers_are_not_its_results_is_refused(hub, shipped, tmp_p
     results = json.loads((folder / "results.json").read_text())
     results["reconstruction"]["0"]["fvu"] *= 0.5  # results.json changed after the card was written
     (folder / "results.json").write_text(json.dumps(results))
-    with pytest.raises(PublishError, match="layer 0 fvu: card says .* results.json says"):
+    with pytest.raises(PublishError, match="layer_0/fvu: card says .* results.json says"):
         push_folder(folder, "me/tiny-lorsa")
     assert main(["push", str(folder), "me/tiny-lorsa"]) == 2
     (folder / "results.json").unlink()

@@ -52,12 +52,13 @@ def test_the_card(shipped):
     assert card.data.tags == ["lorsa", "interpretability", "sparse-dictionary"]
     assert card.data.license == "apache-2.0" and card.data.datasets
     results = json.loads((shipped / "results.json").read_text())
-    index = {(r.task_name, r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert index == {(e["task"], e["type"]): e["value"] for e in headline_metrics(results)}
-    assert index["layer 0", "fvu"] == results["reconstruction"]["0"]["fvu"]
-    assert index["layers 0, 2", "ce_loss_score"] == results["saelens"]["all"]["ce_loss_score"]
+    index = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert index == {e["type"]: e["value"] for e in headline_metrics(results)}
+    assert index["layer_0/fvu"] == results["reconstruction"]["0"]["fvu"]
+    assert index["layer_2/cossim"] == results["reconstruction"]["2"]["cosine_similarity"]
+    assert index["all_layers/ce_loss_score"] == results["saelens"]["all"]["ce_loss_score"]
     assert card_mismatches(text, results) == []
-    assert 'LorsaForReplacement.from_pretrained("me/tiny-lorsa")' in card.text
+    assert 'model = load_spliced("tiny-llama", "me/tiny-lorsa")' in card.text
     assert "## Evaluation" in card.text and "## Training" in card.text and "4,096 tokens" in card.text
     assert "explained_variance" in card.text and "held-out FVU 0.5000" in card.text
 
