@@ -83,3 +83,13 @@ def test_the_shipped_lorsa_loads_splices_and_reproduces_its_fvu():
 def test_a_missing_shipped_lorsa_names_the_command_that_builds_it():
     with pytest.raises(FileNotFoundError, match="lorsa-hf ship RUN/final lorsa_hf/pretrained/smollm2-135m-lorsa"):
         load_pretrained_default("no-such-lorsa")
+
+
+def test_the_package_data_ships_every_file_of_the_shipped_folder():
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["lorsa_hf"]
+    for name in PUBLISHED_FILES:
+        assert any(fnmatch.fnmatch(f"pretrained/smollm2-135m-lorsa/{name}", p) for p in patterns), name
