@@ -150,7 +150,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def _write_generations(path: Path, generations: list[tuple[str, str, str]]) -> None:
-    from ._io import atomic_write_text
+    from .io import atomic_write_text
 
     lines = ["| prompt | clean | all layers spliced |", "| --- | --- | --- |"]
     lines += [f"| {p} | {c} | {s} |".replace("\n", " ") for p, c, s in generations]

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .._io import atomic_save_directory
 from ..evals.card import write_model_card
 from ..evals.options import EvalOptions
 from ..evals.report import write_results
 from ..evals.runner import EMBEDDED, evaluate_lorsa, write_outputs
+from ..io import atomic_save_directory
 from ..publishing import CARD_FILE, RECIPE_FILE, RESULTS_FILE, PublishError, check_sidecars
 from .push import check_loadable
 

@@ -72,7 +72,7 @@ def test_a_folder_that_is_not_a_loadable_lorsa_is_refused(hub, shipped, tmp_path
     weights = load_file(folder / "model.safetensors")
     del weights["layers.2.W_O"]
     save_file(weights, folder / "model.safetensors")
-    with pytest.raises(PublishError, match="not a loadable Lorsa: its weights do not match .*layers.2.W_O"):
+    with pytest.raises(PublishError, match="not a loadable Lorsa: .*layers.2.W_O"):
         push_folder(folder, "me/tiny-lorsa")
     (folder / "config.json").unlink()
     with pytest.raises(PublishError, match="no config.json"):
