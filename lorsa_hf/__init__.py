@@ -16,6 +16,7 @@ from .convert.converter import convert_checkpoint
 from .load_checks import LorsaLoadError
 from .loading import load_spliced
 from .modeling_lorsa import LorsaForReplacement, LorsaLayerOutput
+from .shipped import load_pretrained_default, pretrained_default_dir
 from .splicing import spliced_layers, unsplice
 
 __version__ = "0.1.0"
@@ -46,7 +47,9 @@ __all__ = [
     "convert_checkpoint",
     "embedded_corpus",
     "load_embedded_model",
+    "load_pretrained_default",
     "load_spliced",
+    "pretrained_default_dir",
     "spliced_layers",
     "unsplice",
     "__version__",

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from .convert.cli import register as _register_convert
 from .embedded.cli import register_cli as _register_embedded
 from .evals.cli import register_eval as _register_eval
+from .publish.cli import register_push as _register_push
+from .publish.cli import register_ship as _register_ship
 from .sweeps.cli import register_sweep as _register_sweep
 from .training.cli import register_train as _register_train
 from .training.store.cli import register_store as _register_store
@@ -17,27 +19,36 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 
 def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="the main job: train a Lorsa on the embedded model, evaluate it, generate with it spliced in"
+        "demo",
+        help="the main job: the shipped Lorsa in the embedded model, evaluated and generating beside the clean model",
     )
-    parser.add_argument("--output-dir", default="runs/demo", help="where the run and its report go")
-    parser.add_argument("--tokens", type=int, default=81_920, help="training tokens")
-    parser.add_argument("--eval-tokens", type=int, default=4_096, help="held-out tokens for the evaluation")
+    parser.add_argument("--output-dir", default="runs/demo", help="where the report (and, with --train, the run) go")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=None, help="held-out tokens (default 2048; 4096 with --train)"
+    )
+    parser.add_argument("--limit", type=int, default=20, help="documents per lm-eval task (default 20)")
+    parser.add_argument("--train", action="store_true", help="train a Lorsa on layer 3 from scratch instead (2 min)")
+    parser.add_argument("--tokens", type=int, default=81_920, help="training tokens with --train")
     parser.add_argument("--tiny", action="store_true", help="a random Lorsa in a tiny random Llama instead (seconds)")
 
     def run(args: argparse.Namespace) -> int:
-        from ._demo import run_demo, run_tiny_demo
+        from ._demo import run_demo, run_tiny_demo, run_train_demo
 
         if args.tiny:
             run_tiny_demo()
+        elif args.train:
+            run_train_demo(output_dir=args.output_dir, tokens=args.tokens, eval_tokens=args.eval_tokens or 4_096)
         else:
-            run_demo(output_dir=args.output_dir, tokens=args.tokens, eval_tokens=args.eval_tokens)
+            run_demo(output_dir=args.output_dir, eval_tokens=args.eval_tokens or 2_048, lm_eval_limit=args.limit)
         return 0
 
     parser.set_defaults(func=run)
 
 
-SUBCOMMANDS: list[Registrar] = [_register_demo, _register_embedded, _register_convert, _register_train, _register_store,
-                               _register_sweep, _register_eval]
+SUBCOMMANDS: list[Registrar] = [
+    _register_demo, _register_embedded, _register_convert, _register_train, _register_store, _register_sweep,
+    _register_eval, _register_ship, _register_push,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from . import publishing
 from .cache_support import check_cache
 from .configuration_lorsa import LorsaConfig
 from .convert.conversion import ConvertedLorsa, convert_if_foreign
@@ -336,17 +339,49 @@ class LorsaForReplacement(LorsaPreTrainedModel):
     def save_pretrained(self, save_directory: str | Any, *args: Any, push_to_hub: bool = False, **kwargs: Any) -> None:
         """`PreTrainedModel.save_pretrained` (config.json + model.safetensors), written atomically: a killed
         save never leaves a half-written checkpoint that loads. With `push_to_hub=True` the folder is then
-        uploaded (`repo_id` defaults to the folder's name; `commit_message`, `private`, `token`,
-        `revision`, `create_pr` are passed to `push_to_hub`)."""
+        uploaded with the files beside the weights (`repo_id` defaults to the folder's name; `commit_message`,
+        `private`, `token`, `revision`, `create_pr`, `subfolder` are passed to `push_to_hub`)."""
         hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
         with atomic_save_directory(save_directory) as staging:
             super().save_pretrained(staging, *args, **kwargs)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.realpath(save_directory))
-            self.push_to_hub(repo_id, **hub_kwargs)
+            self.push_to_hub(repo_id, files_from=save_directory, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        subfolder: str = "",
+        files_from: str | os.PathLike | None = None,
+    ) -> Any:
+        """Upload this Lorsa (config.json, model.safetensors) and the files beside it (training_recipe.json,
+        results.json, the README.md card) to the model repo `repo_id`, under `subfolder`, on branch `revision`.
+
+        The files beside the weights come from `files_from`, by default the folder the Lorsa was loaded from;
+        a card is uploaded only with the results.json its numbers come from (`lorsa_hf.publishing`). Returns
+        the `CommitInfo`.
+        """
+        source = files_from if files_from is not None else self.name_or_path
+        with tempfile.TemporaryDirectory() as staging:
+            self.save_pretrained(staging)
+            if source and os.path.isdir(source):
+                for name in publishing.SIDECAR_FILES:
+                    if os.path.isfile(os.path.join(source, name)):
+                        shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
+            files = publishing.check_sidecars(staging, require=())
+            return publishing.upload_folder(
+                staging, repo_id, files, private=private, revision=revision, commit_message=commit_message,
+                subfolder=subfolder, token=token, create_pr=create_pr,
+            )
 
 
-_HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr")
+_HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr", "subfolder")
 
 
 __all__ = ["LorsaForReplacement", "LorsaLayer", "LorsaLayerOutput", "LorsaPreTrainedModel"]

@@ -109,3 +109,11 @@ def embedded_model_unavailable_reason() -> str | None:
 @pytest.fixture(params=["gpt_neox", "llama"])
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The Hub's HTTP API replaced by a recorder at the huggingface_hub client boundary (tests/hub_recorder.py)."""
+    from tests.hub_recorder import record_hub_calls
+
+    return record_hub_calls(monkeypatch)

@@ -1,37 +1,10 @@
-"""Publishing with push_to_hub; only the Hub's HTTP API is replaced by a recorder."""
+"""Publishing with push_to_hub; only the Hub's HTTP API is replaced by a recorder (tests/hub_recorder.py)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import pytest
-import transformers.utils.hub
 from safetensors.torch import load_file
 
 from tests.conftest import make_lorsa, tiny_llama_config
-
-
-class RecordingHub:
-    """Stands in for the Hub's HTTP API: records the repository and the files of each commit."""
-
-    def __init__(self):
-        self.repos, self.commits = [], []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.repos.append(repo_id)
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations}
-        self.commits.append({"repo_id": repo_id, "files": files, **kwargs})
-        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
-
-
-@pytest.fixture
-def hub(monkeypatch) -> RecordingHub:
-    recorder = RecordingHub()
-    monkeypatch.setattr(transformers.utils.hub, "hf_api", lambda: recorder)
-    return recorder
 
 
 def test_push_to_hub_uploads_config_and_safetensors(hub, tmp_path):

@@ -14,6 +14,38 @@ from .options import EvalOptions
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def add_eval_arguments(
+    parser: argparse.ArgumentParser, tokens: int = 16_384, mean_tokens: int = 4_096, limit: float | None = None
+) -> None:
+    """The flags that say what an eval measures and on how much data (`lorsa-hf eval`, `lorsa-hf ship`)."""
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the base model's)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="layers to evaluate (default: all)")
+    parser.add_argument(
+        "--tasks", nargs="+", default=list(DEFAULT_TASKS),
+        help=f"lm-eval tasks (default: {' '.join(DEFAULT_TASKS)}); 'none' skips lm-eval",
+    )
+    parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
+    parser.add_argument(
+        "--text-file", action="append", default=None,
+        help="held-out text file(s) for reconstruction and downstream loss (default: embedded held-out split)",
+    )
+    parser.add_argument("--tokens", type=int, default=tokens, help=f"eval tokens (default {tokens})")
+    parser.add_argument(
+        "--mean-tokens", type=int, default=mean_tokens, help=f"tokens for mean-ablation means (default {mean_tokens})"
+    )
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--limit", type=float, default=limit, help=f"documents per lm-eval task (default: {limit or 'all'})"
+    )
+    parser.add_argument("--lm-eval-batch-size", type=int, default=8)
+    parser.add_argument("--bootstrap-iters", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
@@ -23,46 +55,27 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--base", required=True, help="base model folder or Hub id, or 'embedded' (SmolLM2-135M)")
     parser.add_argument("--lorsa", required=True, help="Lorsa folder or Hub id")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the base model's)")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="layers to evaluate (default: all)")
-    parser.add_argument(
-        "--tasks", nargs="+", default=list(DEFAULT_TASKS),
-        help=f"lm-eval tasks (default: {' '.join(DEFAULT_TASKS)}); 'none' skips lm-eval",
-    )
-    parser.add_argument("--include-path", default=None, help="extra folder of lm-eval task YAMLs")
     parser.add_argument("--output", default="lorsa-eval", help="output folder (default: ./lorsa-eval)")
-    parser.add_argument(
-        "--text-file", action="append", default=None,
-        help="held-out text file(s) for reconstruction and downstream loss (default: embedded held-out split)",
-    )
-    parser.add_argument("--tokens", type=int, default=16_384, help="eval tokens (default 16384)")
-    parser.add_argument("--mean-tokens", type=int, default=4_096, help="tokens for mean-ablation means (default 4096)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=float, default=None, help="documents per lm-eval task (default: all)")
-    parser.add_argument("--lm-eval-batch-size", type=int, default=8)
-    parser.add_argument("--bootstrap-iters", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_eval_arguments(parser)
     parser.set_defaults(func=run_eval)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from .runner import evaluate_lorsa
+def texts_from_args(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
+    """The held-out texts of `--text-file` and how to describe them (None, None: the embedded split)."""
+    if not args.text_file:
+        return None, None
+    missing = [path for path in args.text_file if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--text-file not found: {', '.join(missing)}")
+    texts = [Path(path).read_text(encoding="utf-8") for path in args.text_file]
+    return texts, "text files " + ", ".join(Path(path).name for path in args.text_file)
 
-    texts, source = None, None
-    if args.text_file:
-        missing = [path for path in args.text_file if not Path(path).is_file()]
-        if missing:
-            print(f"error: --text-file not found: {', '.join(missing)}", file=sys.stderr)
-            return 2
-        texts = [Path(path).read_text(encoding="utf-8") for path in args.text_file]
-        source = "text files " + ", ".join(Path(path).name for path in args.text_file)
+
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    """The `EvalOptions` of the flags of `add_eval_arguments`."""
     tasks = [] if [t.lower() for t in args.tasks] == ["none"] else args.tasks
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    options = EvalOptions(
+    return EvalOptions(
         layers=args.layers,
         tasks=tasks,
         n_tokens=args.tokens,
@@ -78,8 +91,18 @@ def run_eval(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype],
         progress=not args.no_progress,
     )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .runner import evaluate_lorsa
+
+    try:
+        texts, source = texts_from_args(args)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     results = evaluate_lorsa(
-        args.base, args.lorsa, options, tokenizer=args.tokenizer, texts=texts, text_source=source,
+        args.base, args.lorsa, options_from_args(args), tokenizer=args.tokenizer, texts=texts, text_source=source,
         output_dir=args.output,
     )
     for layer, metrics in results["reconstruction"].items():
@@ -92,4 +115,4 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["register_eval", "run_eval"]
+__all__ = ["add_eval_arguments", "options_from_args", "register_eval", "run_eval", "texts_from_args"]

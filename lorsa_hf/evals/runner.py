@@ -25,6 +25,7 @@ from .options import EvalOptions
 from .reconstruction import reconstruction_metrics
 from .replacements import lorsa_replacements
 from .report import write_report
+from .saelens import saelens_metrics
 
 EMBEDDED = "embedded"
 """`base` value that selects the embedded model (SmolLM2-135M) and, by default, the embedded held-out text."""
@@ -239,6 +240,7 @@ def evaluate_lorsa(
         **_describe_run(setup, batches, options, text_source or source),
         "reconstruction": reconstruction,
         "downstream": downstream,
+        "saelens": saelens_metrics(reconstruction, downstream),
         "lm_eval": lm_eval_results,
         "versions": _versions(),
         "timings_s": timings,

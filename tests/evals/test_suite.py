@@ -20,8 +20,8 @@ from tests.evals.conftest import make_lm, sample_texts
 LAYERS = [0, 2]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 RESULT_KEYS = {
-    "schema_version", "created", "seed", "base_model", "lorsa", "data", "reconstruction", "downstream", "lm_eval",
-    "versions", "timings_s",
+    "schema_version", "created", "seed", "base_model", "lorsa", "data", "reconstruction", "downstream", "saelens",
+    "lm_eval", "versions", "timings_s",
 }
 RECONSTRUCTION_KEYS = {
     "n_tokens", "fvu", "explained_variance", "mse", "cosine_similarity", "relative_norm", "l0", "dead_fraction",
@@ -89,6 +89,8 @@ def test_evaluate_lorsa_results_report_and_card(arch, tokenizer, tmp_path):
         assert results["reconstruction"][layer]["n_tokens"] == counted
         assert set(results["downstream"]["layer_sets"][layer]) == DOWNSTREAM_KEYS
     assert results["downstream"]["layer_sets"]["all"]["layers"] == LAYERS
+    assert set(results["saelens"]) == {*map(str, LAYERS), "all"}
+    assert results["saelens"]["0"]["cossim"] == results["reconstruction"]["0"]["cosine_similarity"]
     assert 40 < results["downstream"]["n_mean_tokens"] <= 64 - 2
     assert results["lm_eval"]["tasks"]["lorsa_induction"]["acc"]["n_samples"] == 4
     assert {"torch", "transformers", "lm-eval", "lorsa-hf"} <= set(results["versions"])
