@@ -3,6 +3,8 @@ whole model on every row at once would, and a resumed or split run gives the sam
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ def assert_same_store(one: HeadActivationStore, other: HeadActivationStore) -> N
 
 def brute_force(model, lorsa, tokenizer, texts, n_rows, seq_len):
     """The whole spliced model run on all rows at once, activations read from the Lorsa layer's output."""
-    rows = [row for row, _ in zip(SequencePacker(ListTextSource(texts), tokenizer, seq_len), range(n_rows))]
+    rows = list(itertools.islice(SequencePacker(ListTextSource(texts), tokenizer, seq_len), n_rows))
     ids = torch.tensor([tokens for tokens, _ in rows])
     mask = torch.tensor([m for _, m in rows])
     captured = {}
