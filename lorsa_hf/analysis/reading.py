@@ -29,6 +29,11 @@ class LayerRead:
     output: LorsaLayerOutput
 
 
+def request_activations(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A forward pre-hook (with kwargs) that makes a Lorsa layer also return z and its kept activations."""
+    return args, {**kwargs, "output_activations": True}
+
+
 def check_layer(lorsa: LorsaForReplacement, layer: int) -> LorsaLayer:
     """The Lorsa layer for base-model layer `layer`, or an error that names the layers it does replace."""
     if str(layer) not in lorsa.layers:
@@ -97,4 +102,4 @@ class LayerReader:
         return LayerRead(read["hidden_states"], read["arguments"], read["output"])
 
 
-__all__ = ["LayerRead", "LayerReader", "check_layer", "spliced_at"]
+__all__ = ["LayerRead", "LayerReader", "check_layer", "request_activations", "spliced_at"]
