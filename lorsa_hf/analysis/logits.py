@@ -57,6 +57,13 @@ class Unembedding:
         chosen = (directions * self.W_U[tokens.long()]).sum(-1)
         return (chosen - directions @ mean) / spread
 
+    def standardized_matrix(self, vectors: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """`standardized` for every direction [H, d] against every token [N]: [H, N]."""
+        directions = self.through_norm(vectors)
+        mean, covariance = self._moments()
+        spread = ((directions @ covariance) * directions).sum(-1).clamp(min=1e-300).sqrt()
+        return (directions @ self.W_U[tokens.long()].T - (directions @ mean)[:, None]) / spread[:, None]
+
     def _moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not hasattr(self, "_cached_moments"):
             mean = self.W_U.mean(0)
