@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import write_atomically
 from .ranking import EMPTY_ROW, RankedTable, sample_keys
 
 FORMAT_VERSION = 1
@@ -189,16 +188,8 @@ class HeadActivationStore:
     def save(self, path: str | os.PathLike) -> None:
         """Write the store to one safetensors file, atomically (a killed save leaves the previous file)."""
         state = self.state()
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        os.close(handle)
-        try:
-            save_file(state["tensors"], staging, metadata={"lorsa_hf_store": json.dumps(state["header"])})
-            os.replace(staging, target)
-        finally:
-            if os.path.exists(staging):
-                os.remove(staging)
+        metadata = {"lorsa_hf_store": json.dumps(state["header"])}
+        write_atomically(path, lambda staging: save_file(state["tensors"], staging, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadActivationStore:

@@ -121,8 +121,14 @@ def analyze_corpus(
     store = store or HeadActivationStore.create(n_heads, layer, top_n=top_n, sample_size=sample_size)
     if store.layer != layer or store.n_heads != n_heads:
         raise ValueError(f"The store holds layer {store.layer} ({store.n_heads} heads), not layer {layer} ({n_heads}).")
+    if store.metadata.get("seq_len", options.seq_len) != options.seq_len:
+        raise ValueError(
+            f"The store was filled with rows of {store.metadata['seq_len']} tokens; continue it with that seq_len, "
+            f"not {options.seq_len}."
+        )
     exclude = [t for t in (tokenizer.bos_token_id,) if t is not None]
     rows_read = int(store.metadata.get("rows_read", 0))
+    store.metadata.update(seq_len=options.seq_len, world_size=options.world_size)
     with spliced_at(model, lorsa, layer) as module:
         reader = LayerReader(model, module)
         bar = tqdm(total=options.n_rows * options.seq_len, initial=rows_read * options.seq_len, unit="tok",
@@ -140,7 +146,6 @@ def analyze_corpus(
             f"The corpus gave no tokens to analyse (rows of {options.seq_len} tokens): pass more text or a "
             "smaller seq_len."
         )
-    store.metadata.update(seq_len=options.seq_len, world_size=options.world_size)
     return store
 
 
