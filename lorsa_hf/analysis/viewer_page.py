@@ -54,6 +54,7 @@ PAGE = r"""<!DOCTYPE html>
 (function () {
   const data = JSON.parse(document.getElementById("data").textContent);
   const tokens = data.tokens;
+  const startWithZ = window.location.hash === "#z";  // a link to the page with every context in z-pattern view
   const text = (id) => (tokens[String(id)] !== undefined ? tokens[String(id)] : "<" + id + ">");
   const shade = (value, scale) => {
     if (!scale || !value) return "transparent";
@@ -87,7 +88,7 @@ PAGE = r"""<!DOCTYPE html>
       line.appendChild(span);
       return span;
     });
-    let byZ = false;
+    let byZ = startWithZ;
     const paint = () => {
       const values = byZ ? context.z : context.activations;
       const scale = byZ ? Math.max(...context.z.map(Math.abs)) : maxActivation;
