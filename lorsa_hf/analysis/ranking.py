@@ -67,32 +67,56 @@ class RankedTable:
     def updated(
         self, head: torch.Tensor, primary: torch.Tensor, row: torch.Tensor, position: torch.Tensor, value: torch.Tensor
     ) -> RankedTable:
-        """This table with a batch of entries (1-D tensors of equal length) taken into account."""
+        """This table (changed in place) with a batch of entries (1-D tensors of equal length) taken into account.
+
+        Only entries that reach a head's threshold are sorted, and only the heads they belong to are merged:
+        once the tables have filled, a batch touches few of them. Entries given in (row, position) order need
+        one sort fewer; any order gives the same table."""
         head, primary = head.long(), primary.double()
-        keep = primary >= self.threshold()[head]
-        head, primary, row, position, value = (t[keep] for t in (head, primary, row, position, value))
-        if head.numel() == 0:
+        keep = (primary >= self.threshold()[head]).nonzero().flatten()
+        if keep.numel() == 0:
             return self
+        head, primary, row, position, value = (t.index_select(0, keep) for t in (head, primary, row, position, value))
         order = _entry_order(primary, row, position)
         order = order[torch.sort(head[order], stable=True).indices]
         head, primary, row, position, value = (t[order] for t in (head, primary, row, position, value))
         counts = torch.bincount(head, minlength=self.primary.shape[0])
         rank = torch.arange(head.numel()) - (torch.cumsum(counts, 0) - counts)[head]
-        kept = rank < self.size
-        batch = RankedTable.empty(self.primary.shape[0], self.size)
-        index = (head[kept], rank[kept])
+        kept = (rank < self.size).nonzero().flatten()
+        touched = counts.nonzero().flatten()
+        slot = torch.full_like(counts, -1)
+        slot[touched] = torch.arange(touched.numel())
+        batch = RankedTable.empty(touched.numel(), self.size)
+        index = (slot[head[kept]], rank[kept])
         batch.primary[index] = primary[kept]
         batch.row[index] = row[kept].long()
         batch.position[index] = position[kept].long()
         batch.value[index] = value[kept].double()
-        return self.merged(batch)
+        merged = self.rows_of(touched).merged(batch)
+        for name in ("primary", "row", "position", "value"):
+            getattr(self, name)[touched] = getattr(merged, name)
+        return self
+
+    def rows_of(self, heads: torch.Tensor) -> RankedTable:
+        """The sub-table of `heads`."""
+        return RankedTable(self.primary[heads], self.row[heads], self.position[heads], self.value[heads])
 
 
 def _entry_order(primary: torch.Tensor, row: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """Indices that sort entries by primary descending, row ascending, position ascending (last dim)."""
+    if row.dim() == 1 and _ascending(row, position):
+        return torch.sort(primary, descending=True, stable=True).indices
     order = torch.sort(position, dim=-1, stable=True).indices
     order = order.gather(-1, torch.sort(row.gather(-1, order), dim=-1, stable=True).indices)
     return order.gather(-1, torch.sort(primary.gather(-1, order), dim=-1, descending=True, stable=True).indices)
+
+
+def _ascending(row: torch.Tensor, position: torch.Tensor) -> bool:
+    """Whether 1-D entries already come in (row, position) order."""
+    if row.numel() < 2:
+        return True
+    row_step, position_step = row[1:] - row[:-1], position[1:] - position[:-1]
+    return bool(((row_step > 0) | ((row_step == 0) & (position_step >= 0))).all())
 
 
 def _first_per_row(
@@ -108,10 +132,10 @@ _MODULUS = 2**31 - 1
 def sample_keys(head: torch.Tensor, row: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """A pseudo-random key in [0, 2^31 - 1) for each (head, row, position), the same in every run and process:
     keeping the entries with the smallest keys gives a uniform sample that merges exactly."""
-    x = (row.long() % _MODULUS * 1_000_003 + position.long()) % _MODULUS
-    for multiplier, offset in ((48271, head.long() * 69_621 + 1), (16807, 12_345), (48271, 777)):
-        x = (x * multiplier + offset) % _MODULUS
-        x = x ^ (x >> 11)
+    x = (row.long() % _MODULUS * 1_000_003 + position.long() + head.long() * 69_621) % _MODULUS
+    for multiplier in (48271, 16807):
+        x = (x * multiplier + 12_345) % _MODULUS
+        x ^= x >> 11
     return x
 
 

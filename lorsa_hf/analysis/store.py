@@ -50,6 +50,7 @@ class HeadActivationStore:
     n_tokens: int = 0
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    _referenced_rows: int = field(default=0, repr=False)
 
     @classmethod
     def create(cls, n_heads: int, layer: int, top_n: int = 16, sample_size: int = 32) -> HeadActivationStore:
@@ -78,12 +79,15 @@ class HeadActivationStore:
     ) -> None:
         """Take in one batch: token_ids [B, T], row_ids [B] (distinct across the whole corpus), counted [B, T]
         (positions that count: not padding, not BOS), and the layer's kept activations and heads [B, T, K]."""
-        batch_size, seq_len, k = top_k_values.shape
-        counted = counted.bool().cpu()
-        values = top_k_values.detach().double().cpu()
+        by_row = torch.argsort(row_ids.cpu())  # entries then come in (row, position) order: one sort fewer
+        token_ids, row_ids, counted = token_ids[by_row], row_ids.cpu()[by_row], counted.cpu()[by_row]
+        top_k_values, top_k_indices = top_k_values.cpu()[by_row], top_k_indices.cpu()[by_row]
+        counted = counted.bool()
+        batch_size = token_ids.shape[0]
+        values = top_k_values.detach().double()
         active = (values != 0) & counted[..., None]
         b, t, slot = active.nonzero(as_tuple=True)
-        head = top_k_indices.detach().cpu()[b, t, slot].long()
+        head = top_k_indices.detach()[b, t, slot].long()
         value = values[b, t, slot]
         row = row_ids.cpu().long()[b]
         self.n_tokens += int(counted.sum())
@@ -95,12 +99,15 @@ class HeadActivationStore:
             self.sample = self.sample.updated(head, -keys, row, t, value)
         for index, row_id in enumerate(row_ids.tolist()):
             self.rows[int(row_id)] = token_ids[index].detach().cpu().to(torch.int64).clone()
-        self._drop_unreferenced_rows()
+        if len(self.rows) > 2 * self._referenced_rows + 16 * batch_size:
+            self._drop_unreferenced_rows()
 
     def _drop_unreferenced_rows(self) -> None:
+        """Forget the rows no entry points at (run now and then: rows are small, the check is not free)."""
         referenced = set(torch.cat((self.top.row.flatten(), self.sample.row.flatten())).unique().tolist())
         for row_id in [r for r in self.rows if r not in referenced]:
             del self.rows[row_id]
+        self._referenced_rows = len(self.rows)
 
     def merge(self, other: HeadActivationStore) -> HeadActivationStore:
         """The store of one pass over both stores' rows (which must be disjoint)."""
@@ -157,6 +164,7 @@ class HeadActivationStore:
 
     def state(self) -> dict[str, Any]:
         """Every tensor and number of the store (what `save` writes and processes exchange)."""
+        self._drop_unreferenced_rows()
         row_ids = sorted(self.rows)
         width = max((self.rows[r].numel() for r in row_ids), default=0)
         row_tokens = torch.full((len(row_ids), width), -1, dtype=torch.int64)
