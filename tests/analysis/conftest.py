@@ -15,8 +15,7 @@ def sample_texts(n: int = 40) -> list[str]:
     return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12 + i % 9)) + "." for i in range(n)]
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -31,15 +30,28 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def make_model(tokenizer):
+    return make_base("llama", vocab_size=len(tokenizer), max_position_embeddings=256)
+
+
+def make_layer1_lorsa(model):
+    return make_lorsa(model.config, layers=[1], n_ov_heads=32, top_k=4)
+
+
+@pytest.fixture(scope="session")
 def texts() -> list[str]:
     return sample_texts()
 
 
 @pytest.fixture
 def model(tokenizer):
-    return make_base("llama", vocab_size=len(tokenizer), max_position_embeddings=256)
+    return make_model(tokenizer)
 
 
 @pytest.fixture
 def lorsa(model):
-    return make_lorsa(model.config, layers=[1], n_ov_heads=32, top_k=4)
+    return make_layer1_lorsa(model)
