@@ -155,11 +155,15 @@ class HeadActivationStore:
         """The head's strongest activations, strongest first."""
         return self._contexts(self.top, head)
 
+    def sampled_contexts(self, head: int) -> list[Context]:
+        """The head's uniform sample of activations, in sample order."""
+        return self._contexts(self.sample, head)
+
     def weak_contexts(self, head: int, fraction: float = 0.5, limit: int | None = None) -> list[Context]:
         """Sampled activations weaker than `fraction` of the head's strongest one, in sample order (uniform among
         the head's weak activations)."""
         strongest = float(self.top.primary[head, 0])
-        weak = [c for c in self._contexts(self.sample, head) if abs(c.activation) < fraction * strongest]
+        weak = [c for c in self.sampled_contexts(head) if abs(c.activation) < fraction * strongest]
         return weak[:limit]
 
     def state(self) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def test_frequency_mean_and_sample_equal_a_brute_force_count():
         keys = sample_keys(torch.tensor([head] * len(mine)), torch.tensor([e[1] for e in mine]),
                            torch.tensor([e[2] for e in mine])).tolist()
         sampled = sorted(zip(keys, mine, strict=True), key=lambda pair: (pair[0], pair[1][1], pair[1][2]))[:4]
-        assert as_tuples(store._contexts(store.sample, head)) == [(e[1], e[2], e[3]) for _, e in sampled]
+        assert as_tuples(store.sampled_contexts(head)) == [(e[1], e[2], e[3]) for _, e in sampled]
 
 
 def test_weak_contexts_are_sampled_activations_below_the_fraction_of_the_strongest():
