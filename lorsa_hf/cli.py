@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from .analysis.cli import register_analyze as _register_analyze
 from .convert.cli import register as _register_convert
 from .embedded.cli import register_cli as _register_embedded
 from .evals.cli import register_eval as _register_eval
@@ -47,7 +48,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: list[Registrar] = [
     _register_demo, _register_embedded, _register_convert, _register_train, _register_store, _register_sweep,
-    _register_eval, _register_ship, _register_push,
+    _register_eval, _register_ship, _register_push, _register_analyze,
 ]
 
 

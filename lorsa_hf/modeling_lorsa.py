@@ -23,6 +23,7 @@ from .convert.conversion import ConvertedLorsa, convert_if_foreign
 from .io import atomic_save_directory
 from .load_checks import check_finite, check_folder, check_loading_info, local_folder
 from .ops.cached_inputs import input_form_attention, inputs_for_cache
+from .ops.masks import boolean_attention_mask
 from .ops.paths import PATHS, LorsaPath
 from .ops.projection import project_values
 from .ops.rotary import apply_rotary
@@ -128,18 +129,7 @@ class LorsaLayer(nn.Module):
         # torch.compile the dense one, which the compiler traces and fuses (the fast path's blocks depend on data)
         path = PATHS["dense" if torch.compiler.is_compiling() else config.implementation]
 
-        # q and k [B, n_qk, T, d_qk], QK-normed and rotated
-        query, key = path.project_queries_keys(hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K)
-        if config.use_qk_norm:
-            query, key = self._qk_norm(query, self.q_norm_weight), self._qk_norm(key, self.k_norm_weight)
-        if config.rotary_dim > 0:
-            if position_embeddings is None:
-                if position_ids is None:
-                    position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
-                position_embeddings = self.rotary_emb(hidden_states, position_ids)
-            cos, sin = position_embeddings
-            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs, one_node=path.rotary_one_node)
-            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs, one_node=path.rotary_one_node)
+        query, key = self._queries_keys(path, hidden_states, position_embeddings, position_ids, past_length)
 
         # z [N, n_ov] (head i = group * g + j), the kept activations a and their heads [N, K]
         z, top_k_values, top_k_indices = self._attend_and_select(
@@ -180,6 +170,30 @@ class LorsaLayer(nn.Module):
             f"activation={config.activation!r}"
         )
 
+    def _queries_keys(
+        self,
+        path: LorsaPath,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        position_ids: torch.Tensor | None,
+        past_length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k [B, n_qk, T, d_qk], QK-normed and rotated (positions default to those after `past_length`)."""
+        config = self.config
+        query, key = path.project_queries_keys(hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K)
+        if config.use_qk_norm:
+            query, key = self._qk_norm(query, self.q_norm_weight), self._qk_norm(key, self.k_norm_weight)
+        if config.rotary_dim > 0:
+            if position_embeddings is None:
+                if position_ids is None:
+                    seq_len = hidden_states.shape[1]
+                    position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
+                position_embeddings = self.rotary_emb(hidden_states, position_ids)
+            cos, sin = position_embeddings
+            query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs, one_node=path.rotary_one_node)
+            key = apply_rotary(key, cos, sin, config.rotary_adjacent_pairs, one_node=path.rotary_one_node)
+        return query, key
+
     def _attend_and_select(
         self,
         path: LorsaPath,
@@ -210,6 +224,33 @@ class LorsaLayer(nn.Module):
         return path.projected_attention_top_k(
             query, key, hidden_states, self.W_V, self.b_V, attention_mask, scale, self.W_O, top_k, config.activation
         )
+
+    @torch.no_grad()
+    def attention_pattern(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each QK group's attention pattern A [B, n_qk, T, S] and the head values v [B, n_qk, S, g] behind
+        `forward` (no cache) with the same arguments: z_i[s] = sum_t A_h(i)[s, t] v_i[t] (head i = group * g + j),
+        so A[b, h(i), s, t] * v[b, h(i), t, j] is the contribution of token t to z_i[s] (what
+        `lorsa_hf.analysis` reads as z-patterns).
+
+        q and k come from the forward's own `_queries_keys`, v from the same projection; rows with no key to
+        attend to (padding) are zero, as in the forward.
+        """
+        path = PATHS[self.config.implementation]
+        query, key = self._queries_keys(path, hidden_states, position_embeddings, position_ids, past_length=0)
+        batch_size, _, query_length, _ = query.shape
+        mask = boolean_attention_mask(attention_mask, batch_size, query_length, key.shape[-2], query.device)
+        logits = torch.matmul(query, key.transpose(-1, -2)) / self.config.attn_scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, -torch.inf)
+        pattern = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        values = project_values(hidden_states, self.W_V, self.b_V, self.config.n_qk_heads)
+        return pattern, values.to(pattern.dtype)
 
 
 class LorsaPreTrainedModel(PreTrainedModel):

@@ -60,6 +60,8 @@ class ArchitectureAdapter:
     the norm into a Lorsa trained on the normalised residual need both its gain and its bias."""
     read_attention_weights: Callable[[nn.Module, BaseAttention], AttentionWeights] | None = None
     """Splits an attention module's projections into per-head weights (see `attention_weights`)."""
+    final_norm_attribute: str = "norm"
+    """Attribute of the bare model holding the norm before the unembedding (logit effects read through it)."""
 
     def describe(self, config: PreTrainedConfig) -> BaseAttention:
         """Read the attention geometry and rotary settings from a base-model config."""
@@ -94,6 +96,10 @@ class ArchitectureAdapter:
 
     def get_input_norm(self, model: PreTrainedModel, layer: int) -> nn.Module:
         return getattr(self.decoder_layers(model)[layer], self.input_norm_attribute)
+
+    def get_final_norm(self, model: PreTrainedModel) -> nn.Module:
+        """The norm the last residual stream passes before the unembedding."""
+        return getattr(getattr(model, model.base_model_prefix, model), self.final_norm_attribute)
 
     def attention_weights(self, model: PreTrainedModel, layer: int) -> AttentionWeights:
         """The per-head Q/K/V/O weights of the attention module of `layer`, detached, in float32."""

@@ -30,4 +30,5 @@ ADAPTER = ArchitectureAdapter(
     cache_arguments=("layer_past", "past_key_values", "cache"),
     input_norm_has_bias=True,
     read_attention_weights=_read_attention_weights,
+    final_norm_attribute="final_layer_norm",
 )
