@@ -19,6 +19,10 @@ from .configuration_lorsa import LorsaConfig
 from .splice_record import update_record
 
 
+WINDOW_IN_MASK = ("eager", "sdpa", "flex_attention")
+"""Attention implementations whose mask carries a sliding window (flash attention takes it as an argument)."""
+
+
 class SplicableLorsa(Protocol):
     """What splicing needs of a Lorsa: its config and the Lorsa layer replacing each of `config.layers`."""
 
@@ -155,7 +159,15 @@ def _check_compatible(lorsa: SplicableLorsa, model: PreTrainedModel, layers: lis
             f"Wrong base model: it has {n_layers} layers but the Lorsa was trained for one with "
             f"{config.num_hidden_layers} ({config.base_model_name_or_path or 'base model not recorded'})."
         )
+    implementation = getattr(base_config, "_attn_implementation", None) or "eager"
     for layer in layers:
+        window = adapter.sliding_window(base_config, layer)
+        if window is not None and implementation not in WINDOW_IN_MASK:
+            raise ValueError(
+                f"Layer {layer} of this {base_config.model_type} model attends within a sliding window of {window} "
+                f"tokens, which {implementation!r} attention takes as an argument instead of in the attention mask "
+                "a Lorsa reads; load the base model with attn_implementation='sdpa' (or 'eager', 'flex_attention')."
+            )
         if layer not in config.layers:
             raise ValueError(f"Layer {layer} is not one this Lorsa replaces (it replaces {config.layers}).")
         if not 0 <= layer < n_layers:
