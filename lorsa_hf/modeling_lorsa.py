@@ -286,7 +286,8 @@ class LorsaForReplacement(LorsaPreTrainedModel):
 
     def splice(self, model: BaseModel, layers: list[int] | None = None, move: bool = False) -> BaseModel:
         """Replace, in place, the attention modules of `layers` (default: all of `config.layers`) of `model`
-        (a GPTNeoX or Llama `*ForCausalLM` / `*Model`) with these Lorsa layers, and return `model`.
+        (a `*ForCausalLM` / `*Model` of a supported architecture, `lorsa_hf.adapters.ADAPTERS`) with these Lorsa
+        layers, and return `model`.
 
         The Lorsa must be on the base model's device and dtype; `move=True` moves it there instead.
         """
@@ -303,17 +304,20 @@ class LorsaForReplacement(LorsaPreTrainedModel):
         *model_args: Any,
         base_model: Any = None,
         weights_already_folded: bool = False,
+        layers: int | list[int] | None = None,
         **kwargs: Any,
     ) -> LorsaForReplacement:
         """`PreTrainedModel.from_pretrained`, plus: a folder or Hub repo holding a Lorsa published by llamascopium
-        (lm-saes) or the paper-era OpenMOSS/Lorsa code, or one such subfolder per layer, is converted on the fly
-        against `base_model` (see `lorsa_hf.convert_checkpoint`, and `weights_already_folded` there).
+        (lm-saes) or the paper-era OpenMOSS/Lorsa code, or one such subfolder per layer (the published layout
+        `lorsa/{E}x/k{K}/layer{L}_lorsa_{E}x_k{K}/`, given as `subfolder="lorsa/8x/k64"`), is converted on the fly
+        against `base_model`: its `layers` (default all; see `lorsa_hf.convert_checkpoint`, and
+        `weights_already_folded` there). A lorsa_hf checkpoint loads whole, and must replace `layers` when given.
 
         A folder that would load with random or altered weights is refused with a `LorsaLoadError`: no
         config.json, a base model's folder, a tensor missing, renamed or of the wrong shape (a hand-edited
         `layers`, `use_qk_norm` without norm weights), integer or non-finite weights."""
         source = pretrained_model_name_or_path
-        converted = convert_if_foreign(source, base_model, weights_already_folded, kwargs)
+        converted = convert_if_foreign(source, base_model, weights_already_folded, kwargs, layers=layers)
         if converted is not None:
             return cls.from_converted(converted)
         folder = local_folder(source, kwargs.get("subfolder") or "")
@@ -323,6 +327,7 @@ class LorsaForReplacement(LorsaPreTrainedModel):
         model, info = super().from_pretrained(source, *model_args, output_loading_info=True, **kwargs)
         check_loading_info(source, info)
         check_finite(source, model)
+        _check_replaces(source, model.config.layers, layers)
         return (model, info) if output_loading_info else model
 
     @classmethod
@@ -344,6 +349,16 @@ class LorsaForReplacement(LorsaPreTrainedModel):
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.realpath(save_directory))
             self.push_to_hub(repo_id, **hub_kwargs)
+
+
+def _check_replaces(source: Any, replaced: list[int], layers: int | list[int] | None) -> None:
+    """A loaded lorsa_hf checkpoint must replace every layer asked for."""
+    wanted = [] if layers is None else [layers] if isinstance(layers, int) else list(layers)
+    missing = [layer for layer in wanted if layer not in replaced]
+    if missing:
+        raise ValueError(
+            f"{source} replaces layers {replaced}, not {missing}; a Lorsa only reproduces the layers it was trained on."
+        )
 
 
 _HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr")

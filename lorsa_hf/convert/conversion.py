@@ -20,6 +20,7 @@ from .detect import CONFIG_PATTERNS, find_checkpoints, foreign_format, select_ch
 from .folding import fold
 from .foreign import CheckpointError, ForeignLorsa
 from .hub import fetch_folder, is_local, split_source
+from .llamascopium import LM_CONFIG_FILE
 from .llamascopium import WEIGHTS_FILE as LLAMASCOPIUM_WEIGHTS
 from .llamascopium import read_llamascopium
 from .paper_era import WEIGHTS_FILE as PAPER_ERA_WEIGHTS
@@ -127,7 +128,7 @@ def _read_selected(
         prefixes = [
             "" if folder == root else f"{folder.relative_to(root).as_posix()}/" for folder, _ in selected.values()
         ]
-        files = ("config.json", LLAMASCOPIUM_WEIGHTS, PAPER_ERA_WEIGHTS)
+        files = ("config.json", LM_CONFIG_FILE, LLAMASCOPIUM_WEIGHTS, PAPER_ERA_WEIGHTS)
         fetch_folder(source, [prefix + name for prefix in prefixes for name in files], subfolder, **hub)
     foreign = {}
     for layer, (folder, kind) in selected.items():
@@ -184,18 +185,21 @@ def convert_if_foreign(
     base_model: BaseModelLike | None,
     weights_already_folded: bool,
     from_pretrained_kwargs: dict[str, Any],
+    layers: int | Sequence[int] | None = None,
 ) -> ConvertedLorsa | None:
     """What `LorsaForReplacement.from_pretrained` builds its model from when `source` is a foreign folder
-    (converted against `base_model`), or None when it is not one and the regular loader applies."""
+    (its `layers`, default all, converted against `base_model`), or None when it is not one and the regular
+    loader applies."""
     hub = {key: from_pretrained_kwargs.get(key) for key in ("revision", "cache_dir", "token")}
     subfolder = from_pretrained_kwargs.get("subfolder") or ""
     kind = None if source is None else foreign_format(source, subfolder, **hub)
     if kind is None:
-        if weights_already_folded:
-            raise ValueError(
-                "weights_already_folded only applies to foreign (llamascopium, paper-era) checkpoints; "
-                f"{source} is not one."
-            )
+        for name, given in (("weights_already_folded", weights_already_folded), ("layers", layers is not None)):
+            if given:
+                raise ValueError(
+                    f"{name} only applies to foreign (llamascopium, paper-era) checkpoints; {source} is not one "
+                    "(a lorsa_hf checkpoint loads whole: choose its layers with splice(model, layers=...))."
+                )
         return None
     if base_model is None:
         raise ValueError(
@@ -206,6 +210,7 @@ def convert_if_foreign(
     return convert_weights(
         source,
         base_model,
+        layers=layers,
         subfolder=subfolder,
         weights_already_folded=weights_already_folded,
         dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
