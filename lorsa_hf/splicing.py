@@ -18,7 +18,6 @@ from .adapters import ArchitectureAdapter, get_adapter
 from .configuration_lorsa import LorsaConfig
 from .splice_record import update_record
 
-
 WINDOW_IN_MASK = ("eager", "sdpa", "flex_attention")
 """Attention implementations whose mask carries a sliding window (flash attention takes it as an argument)."""
 

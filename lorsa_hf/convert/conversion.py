@@ -20,9 +20,8 @@ from .detect import CONFIG_PATTERNS, find_checkpoints, foreign_format, select_ch
 from .folding import fold
 from .foreign import CheckpointError, ForeignLorsa
 from .hub import fetch_folder, is_local, split_source
-from .llamascopium import LM_CONFIG_FILE
+from .llamascopium import LM_CONFIG_FILE, read_llamascopium
 from .llamascopium import WEIGHTS_FILE as LLAMASCOPIUM_WEIGHTS
-from .llamascopium import read_llamascopium
 from .paper_era import WEIGHTS_FILE as PAPER_ERA_WEIGHTS
 from .paper_era import read_paper_era
 from .report import ConversionReport, layer_report
