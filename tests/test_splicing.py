@@ -266,6 +266,8 @@ def test_load_spliced_from_folders_with_subfolder(tmp_path, arch):
         torch.testing.assert_close(loaded(input_ids).logits, expected(input_ids).logits, rtol=0, atol=1e-12)
     only_first = load_spliced(tmp_path / "base", tmp_path / "lorsas" / "attn", layers=[0])
     assert spliced_layers(only_first) == [0]
+    with pytest.raises(ValueError, match=r"replaces layers \[0, 2\], not \[1\]"):
+        load_spliced(tmp_path / "base", tmp_path / "lorsas" / "attn", layers=[1])
 
 
 def test_load_spliced_resolves_hub_repo_ids_subfolders_and_revisions_from_the_cache(tmp_path):

@@ -188,17 +188,16 @@ def convert_if_foreign(
 ) -> ConvertedLorsa | None:
     """What `LorsaForReplacement.from_pretrained` builds its model from when `source` is a foreign folder
     (its `layers`, default all, converted against `base_model`), or None when it is not one and the regular
-    loader applies."""
+    loader applies (which ignores `base_model` and `layers`)."""
     hub = {key: from_pretrained_kwargs.get(key) for key in ("revision", "cache_dir", "token")}
     subfolder = from_pretrained_kwargs.get("subfolder") or ""
     kind = None if source is None else foreign_format(source, subfolder, **hub)
     if kind is None:
-        for name, given in (("weights_already_folded", weights_already_folded), ("layers", layers is not None)):
-            if given:
-                raise ValueError(
-                    f"{name} only applies to foreign (llamascopium, paper-era) checkpoints; {source} is not one "
-                    "(a lorsa_hf checkpoint loads whole: choose its layers with splice(model, layers=...))."
-                )
+        if weights_already_folded:
+            raise ValueError(
+                "weights_already_folded only applies to foreign (llamascopium, paper-era) checkpoints; "
+                f"{source} is not one."
+            )
         return None
     if base_model is None:
         raise ValueError(

@@ -102,8 +102,6 @@ def test_from_pretrained_converts_the_published_layout_on_the_fly(fixtures: Path
     by_id = LorsaForReplacement.from_pretrained(REPO, subfolder=SUBFOLDER, base_model=BASE_REPO, layers=[1])
     assert by_id.config.layers == [1] and by_id.config.base_model_name_or_path == BASE_REPO
     _assert_reproduces(by_id, io["qwen3"])
-    with pytest.raises(ValueError, match="layers only applies to foreign"):
-        LorsaForReplacement.from_pretrained(fixtures / "base" / "qwen3", layers=[1])
 
 
 def test_load_spliced_from_the_hub_cache_reproduces_the_spliced_logits(hub, io) -> None:
