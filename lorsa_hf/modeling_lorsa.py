@@ -96,6 +96,7 @@ class LorsaLayer(nn.Module):
         cache: Cache | None = None,
         output_activations: bool = False,
         top_k: int | None = None,
+        sliding_window: int | None = None,
     ) -> LorsaLayerOutput:
         """Predict the attention block's output from its input `hidden_states` [B, T, d].
 
@@ -108,6 +109,8 @@ class LorsaLayer(nn.Module):
                 (laid out by `lorsa_hf.ops.cached_inputs.inputs_for_cache`: [B, n_qk, T, d / n_qk]).
             output_activations: Also return `z` and the selected activations.
             top_k: Heads kept per token for this call (K annealing in training); defaults to `config.top_k`.
+            sliding_window: The window `attention_mask` carries (a sliding-window base layer's, e.g. Mistral's):
+                a cache layer that drops the keys older than exactly this window is then accepted.
         """
         config = self.config
         top_k = config.top_k if top_k is None else top_k
@@ -116,7 +119,7 @@ class LorsaLayer(nn.Module):
         if not 0 < top_k <= config.n_ov_heads:
             raise ValueError(f"top_k must be between 1 and n_ov_heads ({config.n_ov_heads}), got {top_k}.")
         if cache is not None:
-            check_cache(cache, self.layer_idx)
+            check_cache(cache, self.layer_idx, sliding_window)
         batch_size, seq_len, _ = hidden_states.shape
         if batch_size == 0 or seq_len == 0:
             return self._empty_output(hidden_states, top_k, output_activations)

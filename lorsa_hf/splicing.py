@@ -49,11 +49,13 @@ class LorsaSplicedAttention(nn.Module):
         adapter: ArchitectureAdapter,
         use_base_rotary: bool,
         lorsa_model: SplicableLorsa | None = None,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.lorsa = lorsa_layer
         self.layer_idx = lorsa_layer.layer_idx
         self.use_base_rotary = use_base_rotary
+        self.sliding_window = sliding_window
         self._cache_arguments = adapter.cache_arguments
         self._signature = inspect.signature(original.forward)
         object.__setattr__(self, "original_module", original)
@@ -74,6 +76,7 @@ class LorsaSplicedAttention(nn.Module):
             position_ids=arguments.get("position_ids"),
             attention_mask=arguments.get("attention_mask"),
             cache=cache,
+            sliding_window=self.sliding_window,
         )
         _record_no_pattern()
         return output.hidden_states, None
@@ -208,7 +211,8 @@ def lorsa_attention_modules(
         reference = _first_floating_parameter(original)
         if reference is not None:
             lorsa_layer.to(device=reference.device, dtype=reference.dtype)
-        modules[layer] = LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary, lorsa)
+        window = adapter.sliding_window(model.config, layer)
+        modules[layer] = LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary, lorsa, window)
     return modules
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import lorsa_hf
 from lorsa_hf import LorsaForReplacement, load_spliced, spliced_layers, unsplice
+from lorsa_hf.cache_support import CacheNotSupportedError
 from lorsa_hf.splicing import LorsaSplicedAttention
 from tests.conftest import VOCAB, make_base, make_lorsa
 
@@ -79,6 +82,18 @@ def test_sliding_window_generation_beyond_the_window_equals_recomputing(cache_fo
         model.config.sliding_window = None
         unwindowed = model(cached.sequences[:, :-1]).logits[:, prompt.shape[1] - 1 :]
     assert (unwindowed - full)[:, 4:].abs().max() > 1e-2
+
+
+def test_a_sliding_cache_layer_must_drop_keys_at_the_base_window_only():
+    """Mistral's own sliding cache (window 5) serves the Lorsa; one with a narrower window would drop keys the
+    mask still lets it read, and is refused."""
+    model, _ = spliced_model("mistral")
+    narrow = copy.deepcopy(model.config)
+    narrow.sliding_window = 3
+    with torch.no_grad():
+        model(tokens(1, 8), past_key_values=DynamicCache(config=model.config), use_cache=True)
+        with pytest.raises(CacheNotSupportedError, match="DynamicSlidingWindowLayer"):
+            model(tokens(1, 8), past_key_values=DynamicCache(config=narrow), use_cache=True)
 
 
 def test_refuses_a_sliding_window_the_attention_mask_does_not_carry():
