@@ -65,7 +65,7 @@ class LorsaConfig(PreTrainedConfig):
     Args:
         base_model_name_or_path: Hub id or path of the base model the Lorsa was trained for.
         base_model_revision: Revision of the base model.
-        base_model_type: `model_type` of the base model (`"gpt_neox"`, `"llama"`).
+        base_model_type: `model_type` of the base model (`"gpt_neox"`, `"llama"`, `"mistral"`, `"qwen2"`, `"qwen3"`).
         hidden_size: Residual stream width `d` of the base model.
         num_hidden_layers: Number of layers of the base model.
         base_num_attention_heads: Attention heads of the base model.
@@ -223,7 +223,8 @@ class LorsaConfig(PreTrainedConfig):
 
         Defaults: `d_qk_head` = the base head dimension, `n_qk_heads` = the base number of heads,
         `n_ov_heads` = 8 x hidden size, `top_k` = 64 (capped by `n_ov_heads`), `activation` = `"topk_abs"`,
-        rotary settings as the base model's (the same fraction of `d_qk_head` is rotated).
+        rotary settings as the base model's (the same fraction of `d_qk_head` is rotated), `use_qk_norm` (with
+        the base's eps) when the base attention normalises q and k itself (Qwen3).
         """
         from .adapters import get_adapter
 
@@ -251,6 +252,8 @@ class LorsaConfig(PreTrainedConfig):
             rotary_dim=int(d_qk_head * base.rotary_dim / base.head_dim) // 2 * 2,
             rope_parameters=rope_parameters,
         )
+        if base.qk_norm_eps is not None:  # the base normalises q and k (Qwen3): so does the Lorsa, by default
+            values.update(use_qk_norm=True, qk_norm_eps=base.qk_norm_eps)
         values.update(overrides)
         return cls(**values)
 

@@ -35,6 +35,9 @@ def load_spliced(
     `from_pretrained_kwargs` (`revision`, `subfolder`, `dtype`, `device_map`, `attn_implementation`, ...) go to
     the base model's `from_pretrained`; `lorsa_subfolder` and `lorsa_revision` locate the Lorsa; `cache_dir`,
     `token` and `local_files_only` apply to both. The Lorsa is moved to the base model's device and dtype.
+
+    A Lorsa published by llamascopium (one folder per layer, e.g. `lorsa_subfolder="lorsa/8x/k64"` of
+    OpenMOSS-Team/Llama-Scope-2-Qwen3-1.7B) is converted against the loaded base model, only for `layers`.
     """
     source = base
     if not isinstance(base, PreTrainedModel):
@@ -43,8 +46,8 @@ def load_spliced(
     if lorsa is None:
         return _splice_recorded(base, source, hub_kwargs, from_pretrained_kwargs)
     if not isinstance(lorsa, LorsaForReplacement):
-        lorsa = LorsaForReplacement.from_pretrained(
-            lorsa, subfolder=lorsa_subfolder, revision=lorsa_revision, **hub_kwargs
+        lorsa = LorsaForReplacement.from_pretrained(  # a foreign Lorsa: only `layers`, folded against `base`
+            lorsa, base_model=base, layers=layers, subfolder=lorsa_subfolder, revision=lorsa_revision, **hub_kwargs
         )
     return lorsa.splice(base, layers=layers, move=True)
 

@@ -100,6 +100,7 @@ class LorsaLayer(nn.Module):
         cache: Cache | None = None,
         output_activations: bool = False,
         top_k: int | None = None,
+        sliding_window: int | None = None,
     ) -> LorsaLayerOutput:
         """Predict the attention block's output from its input `hidden_states` [B, T, d].
 
@@ -112,6 +113,8 @@ class LorsaLayer(nn.Module):
                 (laid out by `lorsa_hf.ops.cached_inputs.inputs_for_cache`: [B, n_qk, T, d / n_qk]).
             output_activations: Also return `z` and the selected activations.
             top_k: Heads kept per token for this call (K annealing in training); defaults to `config.top_k`.
+            sliding_window: The window `attention_mask` carries (a sliding-window base layer's, e.g. Mistral's):
+                a cache layer that drops the keys older than exactly this window is then accepted.
         """
         config = self.config
         top_k = config.top_k if top_k is None else top_k
@@ -120,7 +123,7 @@ class LorsaLayer(nn.Module):
         if not 0 < top_k <= config.n_ov_heads:
             raise ValueError(f"top_k must be between 1 and n_ov_heads ({config.n_ov_heads}), got {top_k}.")
         if cache is not None:
-            check_cache(cache, self.layer_idx)
+            check_cache(cache, self.layer_idx, sliding_window)
         batch_size, seq_len, _ = hidden_states.shape
         if batch_size == 0 or seq_len == 0:
             return self._empty_output(hidden_states, top_k, output_activations)
@@ -330,7 +333,8 @@ class LorsaForReplacement(LorsaPreTrainedModel):
 
     def splice(self, model: BaseModel, layers: list[int] | None = None, move: bool = False) -> BaseModel:
         """Replace, in place, the attention modules of `layers` (default: all of `config.layers`) of `model`
-        (a GPTNeoX or Llama `*ForCausalLM` / `*Model`) with these Lorsa layers, and return `model`.
+        (a `*ForCausalLM` / `*Model` of a supported architecture, `lorsa_hf.adapters.ADAPTERS`) with these Lorsa
+        layers, and return `model`.
 
         The Lorsa must be on the base model's device and dtype; `move=True` moves it there instead.
         """
@@ -347,17 +351,20 @@ class LorsaForReplacement(LorsaPreTrainedModel):
         *model_args: Any,
         base_model: Any = None,
         weights_already_folded: bool = False,
+        layers: int | list[int] | None = None,
         **kwargs: Any,
     ) -> LorsaForReplacement:
         """`PreTrainedModel.from_pretrained`, plus: a folder or Hub repo holding a Lorsa published by llamascopium
-        (lm-saes) or the paper-era OpenMOSS/Lorsa code, or one such subfolder per layer, is converted on the fly
-        against `base_model` (see `lorsa_hf.convert_checkpoint`, and `weights_already_folded` there).
+        (lm-saes) or the paper-era OpenMOSS/Lorsa code, or one such subfolder per layer (the published layout
+        `lorsa/{E}x/k{K}/layer{L}_lorsa_{E}x_k{K}/`, given as `subfolder="lorsa/8x/k64"`), is converted on the fly
+        against `base_model`: its `layers` (default all; see `lorsa_hf.convert_checkpoint`, and
+        `weights_already_folded` there). A lorsa_hf checkpoint loads whole, and must replace `layers` when given.
 
         A folder that would load with random or altered weights is refused with a `LorsaLoadError`: no
         config.json, a base model's folder, a tensor missing, renamed or of the wrong shape (a hand-edited
         `layers`, `use_qk_norm` without norm weights), integer or non-finite weights."""
         source = pretrained_model_name_or_path
-        converted = convert_if_foreign(source, base_model, weights_already_folded, kwargs)
+        converted = convert_if_foreign(source, base_model, weights_already_folded, kwargs, layers=layers)
         if converted is not None:
             return cls.from_converted(converted)
         folder = local_folder(source, kwargs.get("subfolder") or "")
@@ -367,6 +374,7 @@ class LorsaForReplacement(LorsaPreTrainedModel):
         model, info = super().from_pretrained(source, *model_args, output_loading_info=True, **kwargs)
         check_loading_info(source, info)
         check_finite(source, model)
+        _check_replaces(source, model.config.layers, layers)
         return (model, info) if output_loading_info else model
 
     @classmethod
@@ -420,6 +428,16 @@ class LorsaForReplacement(LorsaPreTrainedModel):
                 staging, repo_id, files, private=private, revision=revision, commit_message=commit_message,
                 subfolder=subfolder, token=token, create_pr=create_pr,
             )
+
+
+def _check_replaces(source: Any, replaced: list[int], layers: int | list[int] | None) -> None:
+    """A loaded lorsa_hf checkpoint must replace every layer asked for."""
+    wanted = [] if layers is None else [layers] if isinstance(layers, int) else list(layers)
+    missing = [layer for layer in wanted if layer not in replaced]
+    if missing:
+        raise ValueError(
+            f"{source} replaces layers {replaced}, not {missing}; a Lorsa only reproduces the layers it was trained on."
+        )
 
 
 _HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr", "subfolder")

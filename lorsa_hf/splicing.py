@@ -18,6 +18,9 @@ from .adapters import ArchitectureAdapter, get_adapter
 from .configuration_lorsa import LorsaConfig
 from .splice_record import update_record
 
+WINDOW_IN_MASK = ("eager", "sdpa", "flex_attention")
+"""Attention implementations whose mask carries a sliding window (flash attention takes it as an argument)."""
+
 
 class SplicableLorsa(Protocol):
     """What splicing needs of a Lorsa: its config and the Lorsa layer replacing each of `config.layers`."""
@@ -46,11 +49,13 @@ class LorsaSplicedAttention(nn.Module):
         adapter: ArchitectureAdapter,
         use_base_rotary: bool,
         lorsa_model: SplicableLorsa | None = None,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.lorsa = lorsa_layer
         self.layer_idx = lorsa_layer.layer_idx
         self.use_base_rotary = use_base_rotary
+        self.sliding_window = sliding_window
         self._cache_arguments = adapter.cache_arguments
         self._signature = inspect.signature(original.forward)
         object.__setattr__(self, "original_module", original)
@@ -71,6 +76,7 @@ class LorsaSplicedAttention(nn.Module):
             position_ids=arguments.get("position_ids"),
             attention_mask=arguments.get("attention_mask"),
             cache=cache,
+            sliding_window=self.sliding_window,
         )
         _record_no_pattern()
         return output.hidden_states, None
@@ -155,7 +161,15 @@ def _check_compatible(lorsa: SplicableLorsa, model: PreTrainedModel, layers: lis
             f"Wrong base model: it has {n_layers} layers but the Lorsa was trained for one with "
             f"{config.num_hidden_layers} ({config.base_model_name_or_path or 'base model not recorded'})."
         )
+    implementation = getattr(base_config, "_attn_implementation", None) or "eager"
     for layer in layers:
+        window = adapter.sliding_window(base_config, layer)
+        if window is not None and implementation not in WINDOW_IN_MASK:
+            raise ValueError(
+                f"Layer {layer} of this {base_config.model_type} model attends within a sliding window of {window} "
+                f"tokens, which {implementation!r} attention takes as an argument instead of in the attention mask "
+                "a Lorsa reads; load the base model with attn_implementation='sdpa' (or 'eager', 'flex_attention')."
+            )
         if layer not in config.layers:
             raise ValueError(f"Layer {layer} is not one this Lorsa replaces (it replaces {config.layers}).")
         if not 0 <= layer < n_layers:
@@ -197,7 +211,8 @@ def lorsa_attention_modules(
         reference = _first_floating_parameter(original)
         if reference is not None:
             lorsa_layer.to(device=reference.device, dtype=reference.dtype)
-        modules[layer] = LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary, lorsa)
+        window = adapter.sliding_window(model.config, layer)
+        modules[layer] = LorsaSplicedAttention(lorsa_layer, original, adapter, use_base_rotary, lorsa, window)
     return modules
 
 

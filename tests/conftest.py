@@ -10,7 +10,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from lorsa_hf import LorsaConfig, LorsaForReplacement
 
@@ -42,8 +53,46 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**values)
 
 
-BASE_CONFIGS = {"gpt_neox": tiny_gpt_neox_config, "llama": tiny_llama_config}
-BASE_CLASSES = {"gpt_neox": GPTNeoXForCausalLM, "llama": LlamaForCausalLM}
+_GQA = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, max_position_embeddings=128, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+
+
+def tiny_qwen3_config(**overrides) -> Qwen3Config:
+    """Qwen3: grouped-query attention with its own per-head-dim q/k RMS norms, rope_theta 1e6, no biases."""
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    return Qwen3Config(**{**_GQA, "head_dim": 16, "rope_parameters": rope, **overrides})
+
+
+def tiny_qwen2_config(**overrides) -> Qwen2Config:
+    """Qwen2: grouped-query attention with q/k/v biases."""
+    return Qwen2Config(**{**_GQA, **overrides})
+
+
+MISTRAL_WINDOW = 5
+
+
+def tiny_mistral_config(**overrides) -> MistralConfig:
+    """Mistral: grouped-query attention in a sliding window of 5 tokens, shorter than the test sequences."""
+    return MistralConfig(**{**_GQA, "sliding_window": MISTRAL_WINDOW, **overrides})
+
+
+BASE_CONFIGS = {
+    "gpt_neox": tiny_gpt_neox_config,
+    "llama": tiny_llama_config,
+    "qwen3": tiny_qwen3_config,
+    "qwen2": tiny_qwen2_config,
+    "mistral": tiny_mistral_config,
+}
+BASE_CLASSES = {
+    "gpt_neox": GPTNeoXForCausalLM,
+    "llama": LlamaForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "mistral": MistralForCausalLM,
+}
+ARCHITECTURES = tuple(BASE_CONFIGS)
 
 
 def make_base(
@@ -57,6 +106,10 @@ def make_base(
         for name, parameter in model.named_parameters():
             if parameter.dim() == 2 and "embed" not in name:
                 parameter.normal_(0.0, 0.15)
+            elif name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):  # Qwen2
+                parameter.normal_(0.0, 0.3)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's own q/k norms
+                parameter.uniform_(0.5, 1.5)
     return model
 
 
@@ -106,7 +159,7 @@ def embedded_model_unavailable_reason() -> str | None:
     return None
 
 
-@pytest.fixture(params=["gpt_neox", "llama"])
+@pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModel, GPT2Config
 
 from lorsa_hf import LorsaConfig, LorsaForReplacement
-from tests.conftest import make_lorsa, tiny_gpt_neox_config, tiny_llama_config
+from tests.conftest import BASE_CONFIGS, make_lorsa, tiny_gpt_neox_config, tiny_llama_config
 
 
 @pytest.mark.parametrize(
@@ -53,6 +53,21 @@ def test_from_base_config_llama_keeps_llama3_scaling_and_caps_top_k():
     assert (config.base_num_attention_heads, config.base_num_key_value_heads, config.base_head_dim) == (4, 2, 16)
     assert config.rotary_dim == 16
     assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["factor"] == 8.0
+
+
+@pytest.mark.parametrize(
+    "arch, qk_norm, rope_theta", [("qwen3", True, 1e6), ("qwen2", False, 10000.0), ("mistral", False, 10000.0)]
+)
+def test_from_base_config_of_the_grouped_query_architectures(arch, qk_norm, rope_theta):
+    """Qwen3 normalises q and k inside its attention, so its Lorsa does too by default (with the base's eps)."""
+    config = LorsaConfig.from_base_config(BASE_CONFIGS[arch](rms_norm_eps=1e-5), layers=[0, 2])
+    assert config.base_model_type == arch and config.layers == [0, 2]
+    assert (config.base_num_attention_heads, config.base_num_key_value_heads, config.base_head_dim) == (4, 2, 16)
+    assert (config.n_qk_heads, config.d_qk_head, config.rotary_dim, config.n_ov_heads) == (4, 16, 16, 512)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": rope_theta}
+    assert config.use_qk_norm is qk_norm
+    assert config.qk_norm_eps == (1e-5 if qk_norm else 1e-6)
+    assert LorsaConfig.from_base_config(BASE_CONFIGS[arch](), layers=[0], use_qk_norm=False).use_qk_norm is False
 
 
 def test_from_base_config_rotates_the_same_fraction_of_a_wider_qk_head():

@@ -41,10 +41,13 @@ def spliced_call(model, layer: int, input_ids: torch.Tensor, attention_mask: tor
     return seen
 
 
-def causal_allowed(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] padding mask -> [B, T, T]: query s reads key t when t <= s and t is a real token."""
+def causal_allowed(attention_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[B, T] padding mask -> [B, T, T]: query s reads key t when t <= s (and s - t < window when the base model
+    has a sliding window) and t is a real token."""
     seq = attention_mask.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    if window is not None:
+        causal = causal.triu(1 - window)
     return causal[None] & attention_mask.bool()[:, None, :]
 
 
@@ -60,7 +63,8 @@ def spliced_and_reference(model, lorsa, seq_len: int, seed: int, rotary=None):
     seen = spliced_call(model, LAYER, input_ids, mask)
     cos, sin = rotary if rotary is not None else seen["position_embeddings"]
     params = dict(lorsa.layer(LAYER).named_parameters())
-    return seen, reference_lorsa(seen["hidden_states"], params, lorsa.config, cos, sin, causal_allowed(mask))
+    allowed = causal_allowed(mask, get_adapter(model).sliding_window(model.config, LAYER))
+    return seen, reference_lorsa(seen["hidden_states"], params, lorsa.config, cos, sin, allowed)
 
 
 @pytest.mark.parametrize("activation", ["topk_abs", "topk_relu"])
@@ -71,13 +75,32 @@ def test_spliced_output_equals_dense_reference(arch, activation, dtype, toleranc
     lorsa.splice(model)
     seen, (expected, z, a) = spliced_and_reference(model, lorsa, seq_len=12, seed=1)
     assert relative_error(seen["output"], expected) <= tolerance
+    window = get_adapter(model).sliding_window(model.config, LAYER)  # Mistral's, as the mask the model built
+    mask = causal_allowed(torch.ones(2, 12, dtype=torch.long), window)[:, None]
     out = lorsa.layer(LAYER)(
-        seen["hidden_states"], position_embeddings=seen["position_embeddings"], output_activations=True
+        seen["hidden_states"], position_embeddings=seen["position_embeddings"], attention_mask=mask,
+        output_activations=True,
     )
     assert relative_error(out.z, z) <= tolerance
     assert relative_error(out.activations(), a) <= tolerance
     assert torch.equal(out.activations() != 0, a != 0)  # the same heads are selected
     assert ((out.activations() != 0).sum(-1) == lorsa.config.top_k).all()
+
+
+def test_the_sliding_window_of_the_base_model_bounds_what_the_lorsa_reads():
+    """Mistral's window (5 tokens) reaches the spliced Lorsa through the mask: its output is the windowed
+    reference, far from the full-causal one, in eager and sdpa alike."""
+    for implementation in ("eager", "sdpa"):
+        model = make_base("mistral", dtype=torch.float64, attn_implementation=implementation)
+        lorsa = make_lorsa(model.config, [LAYER], dtype=torch.float64)
+        lorsa.splice(model)
+        seen, (expected, _, _) = spliced_and_reference(model, lorsa, seq_len=12, seed=6)
+        assert relative_error(seen["output"], expected) <= 1e-10
+        cos, sin = seen["position_embeddings"]
+        params = dict(lorsa.layer(LAYER).named_parameters())
+        full = causal_allowed(torch.ones(2, 12, dtype=torch.long))
+        unwindowed, _, _ = reference_lorsa(seen["hidden_states"], params, lorsa.config, cos, sin, full)
+        assert relative_error(seen["output"], unwindowed) > 0.05
 
 
 def test_own_rotary_when_d_qk_differs_from_the_base_head_dim():
@@ -118,12 +141,15 @@ def test_qk_norm_and_rotary_pairing(adjacent_pairs):
 
 
 def test_standalone_forward_equals_the_spliced_layer(arch):
+    """Standalone, the mask defaults to plain causal; a sliding-window base's mask (Mistral) is passed in."""
     model = make_base(arch, dtype=torch.float64)
     lorsa = make_lorsa(model.config, [LAYER], dtype=torch.float64)
     lorsa.splice(model)
     input_ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
     seen = spliced_call(model, LAYER, input_ids)
-    out = lorsa(seen["hidden_states"])
+    window = get_adapter(model).sliding_window(model.config, LAYER)
+    mask = None if window is None else causal_allowed(torch.ones(2, 10, dtype=torch.long), window)[:, None]
+    out = lorsa(seen["hidden_states"], attention_mask=mask)
     torch.testing.assert_close(out.hidden_states, seen["output"], rtol=0, atol=1e-12)
     assert out.z.shape == (2, 10, lorsa.config.n_ov_heads)
     assert out.top_k_indices.shape == (2, 10, lorsa.config.top_k)

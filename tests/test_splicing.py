@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import lorsa_hf
 from lorsa_hf import LorsaForReplacement, load_spliced, spliced_layers, unsplice
+from lorsa_hf.cache_support import CacheNotSupportedError
 from lorsa_hf.splicing import LorsaSplicedAttention
 from tests.conftest import VOCAB, make_base, make_lorsa
 
@@ -30,6 +33,7 @@ def test_splice_replaces_exactly_the_chosen_layers(arch):
     module = lorsa_hf.adapters.get_adapter(model).get_attention(model, 0)
     assert isinstance(module, LorsaSplicedAttention) and module.lorsa is lorsa.layer(0)
     names = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")
+    names += ("q_norm_weight", "k_norm_weight") if lorsa.config.use_qk_norm else ()  # Qwen3's default
     assert {name for name, _ in model.named_parameters() if ".lorsa." in name} == {
         f"{prefix}.lorsa.{p}" for prefix in _attention_prefixes(model) for p in names
     }
@@ -62,6 +66,45 @@ def test_greedy_generate_with_cache_equals_recomputing_every_step(arch, activati
     torch.testing.assert_close(torch.stack(cached.logits, 1), full, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("cache_format", ["inputs", "values"])
+def test_sliding_window_generation_beyond_the_window_equals_recomputing(cache_format):
+    """Mistral's window is 5 tokens: 14 cached steps go far beyond it, and still match recomputation, which
+    sees the window only in the mask. The window matters: without it the same weights give other logits."""
+    model, lorsa = spliced_model("mistral")
+    lorsa.config.cache_format = cache_format
+    prompt = tokens(1, 4)
+    with torch.no_grad():
+        cached = model.generate(
+            prompt, max_new_tokens=14, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        full = model(cached.sequences[:, :-1]).logits[:, prompt.shape[1] - 1 :]
+        torch.testing.assert_close(torch.stack(cached.logits, 1), full, rtol=0, atol=1e-4)
+        model.config.sliding_window = None
+        unwindowed = model(cached.sequences[:, :-1]).logits[:, prompt.shape[1] - 1 :]
+    assert (unwindowed - full)[:, 4:].abs().max() > 1e-2
+
+
+def test_a_sliding_cache_layer_must_drop_keys_at_the_base_window_only():
+    """Mistral's own sliding cache (window 5) serves the Lorsa; one with a narrower window would drop keys the
+    mask still lets it read, and is refused."""
+    model, _ = spliced_model("mistral")
+    narrow = copy.deepcopy(model.config)
+    narrow.sliding_window = 3
+    with torch.no_grad():
+        model(tokens(1, 8), past_key_values=DynamicCache(config=model.config), use_cache=True)
+        with pytest.raises(CacheNotSupportedError, match="DynamicSlidingWindowLayer"):
+            model(tokens(1, 8), past_key_values=DynamicCache(config=narrow), use_cache=True)
+
+
+def test_refuses_a_sliding_window_the_attention_mask_does_not_carry():
+    model = make_base("mistral")
+    lorsa = make_lorsa(model.config, LAYERS)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sliding window of 5 tokens.*attn_implementation='sdpa'"):
+        lorsa.splice(model)
+    assert spliced_layers(model) == []
+
+
 def test_cache_holds_the_lorsa_keys_and_grouped_values(arch):
     model, lorsa = spliced_model(arch)
     # the default, "auto", caches the smaller layer input here (tests/ops/test_cached_inputs.py)
@@ -70,9 +113,11 @@ def test_cache_holds_the_lorsa_keys_and_grouped_values(arch):
         out = model(tokens(2, 5), use_cache=True)
     cache = out.past_key_values if "past_key_values" in out else out.cache
     config = lorsa.config
+    window = lorsa_hf.adapters.get_adapter(model).sliding_window(model.config, LAYERS[0])
+    kept = 5 if window is None else min(5, window - 1)  # a sliding cache layer keeps the last window - 1 tokens
     for layer in LAYERS:
-        assert tuple(cache.layers[layer].keys.shape) == (2, config.n_qk_heads, 5, config.d_qk_head)
-        assert tuple(cache.layers[layer].values.shape) == (2, config.n_qk_heads, 5, config.ov_group_size)
+        assert tuple(cache.layers[layer].keys.shape) == (2, config.n_qk_heads, kept, config.d_qk_head)
+        assert tuple(cache.layers[layer].values.shape) == (2, config.n_qk_heads, kept, config.ov_group_size)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -104,8 +149,8 @@ def test_generate_on_a_left_padded_batch_matches_each_prompt_alone(arch):
     with torch.no_grad():
         batched = model.generate(input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         for row, prompt in enumerate(prompts):
-            alone = model.generate(prompt[None], max_new_tokens=6, do_sample=False)
-            assert torch.equal(batched[row, 7:], alone[0, len(prompt) :])
+            alone = model.generate(prompt[None], max_new_tokens=6, do_sample=False)[0, len(prompt) :]
+            assert torch.equal(batched[row, 7 : 7 + len(alone)], alone)  # alone stops early at EOS
 
 
 def test_eager_and_sdpa_give_the_same_spliced_logits(arch):
@@ -166,7 +211,8 @@ def test_refuses_a_model_of_another_architecture():
 def test_refuses_an_unsupported_architecture_and_names_the_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB))
     lorsa = make_lorsa(make_base("llama").config, LAYERS)
-    with pytest.raises(ValueError, match="Unsupported base architecture 'gpt2'.*gpt_neox, llama"):
+    supported = "gpt_neox, llama, mistral, qwen2, qwen3"
+    with pytest.raises(ValueError, match=f"Unsupported base architecture 'gpt2'.*{supported}"):
         lorsa.splice(gpt2)
 
 
@@ -235,6 +281,8 @@ def test_load_spliced_from_folders_with_subfolder(tmp_path, arch):
         torch.testing.assert_close(loaded(input_ids).logits, expected(input_ids).logits, rtol=0, atol=1e-12)
     only_first = load_spliced(tmp_path / "base", tmp_path / "lorsas" / "attn", layers=[0])
     assert spliced_layers(only_first) == [0]
+    with pytest.raises(ValueError, match=r"replaces layers \[0, 2\], not \[1\]"):
+        load_spliced(tmp_path / "base", tmp_path / "lorsas" / "attn", layers=[1])
 
 
 def test_load_spliced_resolves_hub_repo_ids_subfolders_and_revisions_from_the_cache(tmp_path):

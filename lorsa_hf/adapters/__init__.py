@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from . import gpt_neox, llama
+from . import gpt_neox, llama, mistral, qwen2, qwen3
 from ._base import ArchitectureAdapter, AttentionWeights, BaseAttention
 
-ADAPTERS: dict[str, ArchitectureAdapter] = {module.ADAPTER.model_type: module.ADAPTER for module in (gpt_neox, llama)}
+ADAPTERS: dict[str, ArchitectureAdapter] = {
+    module.ADAPTER.model_type: module.ADAPTER for module in (gpt_neox, llama, mistral, qwen2, qwen3)
+}
 
 
 def get_adapter(model_or_config: PreTrainedModel | PreTrainedConfig | str) -> ArchitectureAdapter:

@@ -20,6 +20,8 @@ class BaseAttention:
     head_dim: int
     rotary_dim: int
     rope_parameters: dict[str, Any] = field(default_factory=dict)
+    qk_norm_eps: float | None = None
+    """Epsilon of the per-head-dim RMS norm the attention applies to q and k (Qwen3); None when it has none."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,9 @@ class AttentionWeights:
     """One attention module's weights per head, in `x @ W` orientation (MHSA initialisation of a Lorsa).
 
     q [n_heads, d, head_dim], k and v [n_kv_heads, d, head_dim], o [n_heads, head_dim, d]; biases None when
-    the module has none (q_bias [n_heads, head_dim], k_bias and v_bias [n_kv_heads, head_dim], o_bias [d]).
+    the module has none (q_bias [n_heads, head_dim], k_bias and v_bias [n_kv_heads, head_dim], o_bias [d]);
+    q_norm and k_norm [head_dim] the gains of the RMS norm one module shares across its q (k) heads, None when
+    it has none.
     """
 
     q: torch.Tensor
@@ -38,6 +42,8 @@ class AttentionWeights:
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class ArchitectureAdapter:
     """Splits an attention module's projections into per-head weights (see `attention_weights`)."""
     final_norm_attribute: str = "norm"
     """Attribute of the bare model holding the norm before the unembedding (logit effects read through it)."""
+    has_qk_norm: bool = False
+    """Whether the attention module applies its own RMS norm (eps `rms_norm_eps`) to each q and k head before
+    rotary (Qwen3). It lives inside the module a Lorsa replaces: a Lorsa's QK-norm is its own, per QK group."""
 
     def describe(self, config: PreTrainedConfig) -> BaseAttention:
         """Read the attention geometry and rotary settings from a base-model config."""
@@ -75,7 +84,17 @@ class ArchitectureAdapter:
             head_dim=head_dim,
             rotary_dim=int(head_dim * (partial if partial is not None else 1.0)),
             rope_parameters=rope_parameters,
+            qk_norm_eps=float(config.rms_norm_eps) if self.has_qk_norm else None,
         )
+
+    def sliding_window(self, config: PreTrainedConfig, layer: int) -> int | None:
+        """The attention window of `layer` (each query reads only the last `sliding_window` keys), or None for
+        full causal attention: Mistral's `sliding_window`, or Qwen2/Qwen3's on the layers `layer_types` marks."""
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if window is not None and layer_types is not None and layer_types[layer] != "sliding_attention":
+            return None
+        return window
 
     def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
         """The decoder layers of a base model given as `*ForCausalLM` or as the bare `*Model`."""

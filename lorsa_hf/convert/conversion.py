@@ -20,8 +20,8 @@ from .detect import CONFIG_PATTERNS, find_checkpoints, foreign_format, select_ch
 from .folding import fold
 from .foreign import CheckpointError, ForeignLorsa
 from .hub import fetch_folder, is_local, split_source
+from .llamascopium import LM_CONFIG_FILE, read_llamascopium
 from .llamascopium import WEIGHTS_FILE as LLAMASCOPIUM_WEIGHTS
-from .llamascopium import read_llamascopium
 from .paper_era import WEIGHTS_FILE as PAPER_ERA_WEIGHTS
 from .paper_era import read_paper_era
 from .report import ConversionReport, layer_report
@@ -127,7 +127,7 @@ def _read_selected(
         prefixes = [
             "" if folder == root else f"{folder.relative_to(root).as_posix()}/" for folder, _ in selected.values()
         ]
-        files = ("config.json", LLAMASCOPIUM_WEIGHTS, PAPER_ERA_WEIGHTS)
+        files = ("config.json", LM_CONFIG_FILE, LLAMASCOPIUM_WEIGHTS, PAPER_ERA_WEIGHTS)
         fetch_folder(source, [prefix + name for prefix in prefixes for name in files], subfolder, **hub)
     foreign = {}
     for layer, (folder, kind) in selected.items():
@@ -184,9 +184,11 @@ def convert_if_foreign(
     base_model: BaseModelLike | None,
     weights_already_folded: bool,
     from_pretrained_kwargs: dict[str, Any],
+    layers: int | Sequence[int] | None = None,
 ) -> ConvertedLorsa | None:
     """What `LorsaForReplacement.from_pretrained` builds its model from when `source` is a foreign folder
-    (converted against `base_model`), or None when it is not one and the regular loader applies."""
+    (its `layers`, default all, converted against `base_model`), or None when it is not one and the regular
+    loader applies (which ignores `base_model` and `layers`)."""
     hub = {key: from_pretrained_kwargs.get(key) for key in ("revision", "cache_dir", "token")}
     subfolder = from_pretrained_kwargs.get("subfolder") or ""
     kind = None if source is None else foreign_format(source, subfolder, **hub)
@@ -206,6 +208,7 @@ def convert_if_foreign(
     return convert_weights(
         source,
         base_model,
+        layers=layers,
         subfolder=subfolder,
         weights_already_folded=weights_already_folded,
         dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,

@@ -84,8 +84,16 @@ def _check_convertible(found: dict[Path, str], root: Path) -> None:
                 "OpenMOSS/Lorsa config (n_ov_heads, d_ov_head); nothing to convert."
             )
     if not found:
+        deeper = sorted({config.parent.parent.relative_to(root).as_posix() for config in root.glob("*/*/config.json")})
+        hint = (
+            f" It has layer folders one level further down, in {', '.join(deeper[:8])}: add one of those to the "
+            "subfolder (the published layout is lorsa/{E}x/k{K}/layer{L}_lorsa_{E}x_k{K}/)."
+            if deeper
+            else ""
+        )
         raise CheckpointError(
-            f"{root} holds no Lorsa checkpoint: expected a config.json there, or one subfolder per layer with one."
+            f"{root} holds no Lorsa checkpoint: expected a config.json there, or layer folders (one subfolder per "
+            f"layer with a config.json) in it.{hint}"
         )
 
 

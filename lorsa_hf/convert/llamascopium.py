@@ -9,6 +9,7 @@ residual WITHOUT the norm's gain and bias; selection is TopK over `relu(z) * ||W
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -31,6 +32,8 @@ from .foreign import (
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "sae_weights.safetensors"
+LM_CONFIG_FILE = "lm_config.json"
+"""What llamascopium's `upload_to_hf` may write beside config.json: the language model it was trained on."""
 _HOOK_IN = re.compile(r"^blocks\.(\d+)\.ln1\.hook_normalized$")
 _HOOK_OUT = re.compile(r"^blocks\.(\d+)\.hook_attn_out$")
 _NORM_PREFIX = "dataset_average_activation_norm."
@@ -58,7 +61,12 @@ def layer_from_hooks(config: dict[str, Any], source: Path) -> int:
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     file = path / WEIGHTS_FILE
     if not file.is_file():
-        raise CheckpointError(f"{path} has a llamascopium config.json but no {WEIGHTS_FILE}; fetch the whole folder.")
+        others = sorted(p.name for p in path.glob("sae_weights.*") if p.name != WEIGHTS_FILE)
+        held = f"; it holds {others}, which lorsa_hf does not read (re-save it as safetensors)" if others else ""
+        raise CheckpointError(
+            f"{path} has a llamascopium config.json but no {WEIGHTS_FILE}{held}; every layer folder needs both: "
+            "fetch the whole folder."
+        )
     try:
         with safe_open(str(file), framework="pt") as weights:
             return {key: weights.get_tensor(key) for key in weights.keys()}
@@ -130,10 +138,29 @@ def read_llamascopium(path: Path, weights_already_folded: bool = False) -> Forei
             f"trained on contexts of {config['n_ctx']} tokens (the reference implementation runs no longer ones); "
             "the converted layer runs any length, beyond n_ctx untested by training"
         )
+    _read_lm_config(lorsa)
     _set_dataset_norm(lorsa, config, stored, weights_already_folded)
     check_shapes(lorsa)
     check_rotary_buffers(lorsa, stored.get("rotary_sin"), stored.get("rotary_cos"))
     return lorsa
+
+
+def _read_lm_config(lorsa: ForeignLorsa) -> None:
+    """The language model recorded in lm_config.json, when the folder has one, as a note of the report.
+
+    Read as plain JSON: llamascopium's own reader of this file (`LanguageModelConfig.from_pretrained_sae`) looks in
+    the wrong place."""
+    file = lorsa.path / LM_CONFIG_FILE
+    if not file.is_file():
+        return
+    try:
+        lm_config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON ({error}); fix or delete it (it is only metadata).") from error
+    name = lm_config.get("model_name") if isinstance(lm_config, dict) else None
+    if isinstance(name, str) and name:
+        lorsa.model_name = name
+        lorsa.notes.append(f"trained on {name!r} (as its {LM_CONFIG_FILE} records)")
 
 
 def _our_tensors(

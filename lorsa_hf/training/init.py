@@ -54,8 +54,12 @@ def _check_qk_compatible(layer: LorsaLayer, model: PreTrainedModel) -> None:
         problems.append(f"lorsa.rotary_dim is {config.rotary_dim} but the base model rotates {base.rotary_dim} dims")
     if not math.isclose(config.attn_scale, math.sqrt(base.head_dim)):
         problems.append(f"lorsa.attn_scale is {config.attn_scale} but the base model scales by sqrt({base.head_dim})")
-    if config.use_qk_norm:
+    if config.use_qk_norm and base.qk_norm_eps is None:
         problems.append("lorsa.use_qk_norm is set but the base attention has no q/k norm")
+    if base.qk_norm_eps is not None and not config.use_qk_norm:
+        problems.append("the base attention normalises q and k but lorsa.use_qk_norm is false")
+    if base.qk_norm_eps is not None and config.use_qk_norm and config.qk_norm_eps != base.qk_norm_eps:
+        problems.append(f"lorsa.qk_norm_eps is {config.qk_norm_eps} but the base q/k norm's eps is {base.qk_norm_eps}")
     if problems:
         raise ValueError(
             "init.qk 'base' copies the base model's query/key heads, which needs the same head geometry: "
@@ -66,7 +70,8 @@ def _check_qk_compatible(layer: LorsaLayer, model: PreTrainedModel) -> None:
 @torch.no_grad()
 def copy_base_qk(layer: LorsaLayer, model: PreTrainedModel) -> None:
     """QK group h takes the query/key weights (and biases) of base head h * n_heads // n_qk; the key head is
-    the one that base query head reads under grouped-query attention."""
+    the one that base query head reads under grouped-query attention. A base q/k norm (one gain shared by the
+    heads, Qwen3) becomes every group's QK-norm gain."""
     _check_qk_compatible(layer, model)
     weights = _on_device(get_adapter(model).attention_weights(model, layer.layer_idx), layer.W_Q.device)
     n_heads, n_kv = weights.q.shape[0], weights.k.shape[0]
@@ -76,6 +81,9 @@ def copy_base_qk(layer: LorsaLayer, model: PreTrainedModel) -> None:
     layer.W_K.copy_(weights.k[kv_heads])
     layer.b_Q.copy_(weights.q_bias[heads] if weights.q_bias is not None else torch.zeros_like(layer.b_Q))
     layer.b_K.copy_(weights.k_bias[kv_heads] if weights.k_bias is not None else torch.zeros_like(layer.b_K))
+    if weights.q_norm is not None:
+        layer.q_norm_weight.copy_(weights.q_norm.expand_as(layer.q_norm_weight))
+        layer.k_norm_weight.copy_(weights.k_norm.expand_as(layer.k_norm_weight))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 LAYER = 1
 LLAMASCOPIUM_VARIANTS = ("lorsa_llamascopium_unfolded", "lorsa_llamascopium_folded")
+FIXTURE_ARCHITECTURES = ("gpt_neox", "llama", "qwen3")
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def fixtures() -> Path:
 @pytest.fixture(scope="session")
 def io(fixtures: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Recorded inputs and outputs, per architecture."""
-    return {arch: load_file(fixtures / arch / "io.safetensors") for arch in ("gpt_neox", "llama")}
+    return {arch: load_file(fixtures / arch / "io.safetensors") for arch in FIXTURE_ARCHITECTURES}
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +36,7 @@ def bases(fixtures: Path) -> dict[str, torch.nn.Module]:
     """The fixture base models, loaded once (eager attention, as when the fixtures were recorded)."""
     return {
         arch: AutoModelForCausalLM.from_pretrained(fixtures / "base" / arch, attn_implementation="eager").eval()
-        for arch in ("gpt_neox", "llama")
+        for arch in FIXTURE_ARCHITECTURES
     }
 
 
@@ -46,3 +47,16 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
         file.chmod(0o644)
     target.chmod(0o755)
     return target
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(cache: Path, repo_id: str, files_from: dict[str, Path]) -> None:
+    """Lay `files_from` (path in repo -> local folder) out as huggingface_hub's cache holds a downloaded repo."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    for inside, folder in files_from.items():
+        shutil.copytree(folder, snapshot / inside if inside else snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)

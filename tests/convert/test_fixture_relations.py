@@ -12,7 +12,7 @@ import torch
 
 from lorsa_hf import LorsaForReplacement, convert_checkpoint
 
-from .conftest import LAYER, LLAMASCOPIUM_VARIANTS
+from .conftest import FIXTURE_ARCHITECTURES, LAYER, LLAMASCOPIUM_VARIANTS
 
 ATOL = 1e-4
 
@@ -54,7 +54,7 @@ def _spliced_logits(lorsa, base, tokens, keep_bos_from: torch.Tensor | None = No
 
 
 @pytest.mark.parametrize("variant", LLAMASCOPIUM_VARIANTS)
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", FIXTURE_ARCHITECTURES)
 def test_llamascopium_r1_to_r4(fixtures: Path, io, bases, arch: str, variant: str) -> None:
     recorded, base = io[arch], bases[arch]
     conversion = convert_checkpoint(fixtures / arch / variant, base)
@@ -97,7 +97,7 @@ def _finished_run_folder(fixtures: Path, arch: str, target: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", FIXTURE_ARCHITECTURES)
 def test_trap_finished_run_needs_explicit_option(fixtures: Path, io, bases, arch: str, tmp_path: Path) -> None:
     recorded = io[arch]
     folder = _finished_run_folder(fixtures, arch, tmp_path / "finished_run")

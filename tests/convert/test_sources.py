@@ -14,10 +14,9 @@ from lorsa_hf import CheckpointError, LorsaForReplacement, convert_checkpoint
 from lorsa_hf.cli import main
 from lorsa_hf.convert import foreign_format
 
-from .conftest import LAYER, copy_checkpoint
+from .conftest import COMMIT, LAYER, copy_checkpoint, hub_cache
 
 ATOL = 1e-4
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _as_layer(folder: Path, layer: int) -> Path:
@@ -71,20 +70,10 @@ def test_per_layer_folders_must_agree(per_layer: Path, bases) -> None:
         convert_checkpoint(per_layer, bases["gpt_neox"])
 
 
-def _hub_cache(cache: Path, repo_id: str, files_from: dict[str, Path]) -> None:
-    """Lay `files_from` (path in repo -> local folder) out as huggingface_hub's cache holds a downloaded repo."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / COMMIT
-    for inside, folder in files_from.items():
-        shutil.copytree(folder, snapshot / inside if inside else snapshot, dirs_exist_ok=True)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-
-
 def test_hub_repo_with_subfolder_and_revision(fixtures: Path, per_layer: Path, io, tmp_path: Path) -> None:
     cache = tmp_path / "hub-cache"
-    _hub_cache(cache, "someone/lorsa-pythia", {"pythia-70m-tiny": per_layer})
-    _hub_cache(cache, "someone/tiny-neox", {"": fixtures / "base" / "gpt_neox"})
+    hub_cache(cache, "someone/lorsa-pythia", {"pythia-70m-tiny": per_layer})
+    hub_cache(cache, "someone/tiny-neox", {"": fixtures / "base" / "gpt_neox"})
     hub = dict(subfolder="pythia-70m-tiny", cache_dir=cache)
 
     conversion = convert_checkpoint("someone/lorsa-pythia", "someone/tiny-neox", revision=COMMIT, **hub)

@@ -13,7 +13,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 WORDS = (
     "the a cat dog sat on mat and ran to house tree bird sang in morning evening red blue green small big old "
@@ -51,9 +63,26 @@ def make_model(arch: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, lay
         num_attention_heads=4, max_position_embeddings=128, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
         pad_token_id=2,
     )
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common)).eval()
-    return GPTNeoXForCausalLM(GPTNeoXConfig(rotary_pct=0.5, attention_bias=True, **common)).eval()
+    if arch == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(rotary_pct=0.5, attention_bias=True, **common)).eval()
+    extra = {"head_dim": 8} if arch == "qwen3" else {}  # Qwen3Config's default head_dim is 128, not d / heads
+    model = GQA_CLASSES[arch][1](GQA_CLASSES[arch][0](num_key_value_heads=2, **extra, **common)).eval()
+    with torch.no_grad():  # the q/k/v biases of Qwen2 and the q/k norm gains of Qwen3 away from their init
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                parameter.normal_(0.0, 0.3)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
+GQA_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+ARCHITECTURES = ("llama", "gpt_neox", "qwen3", "qwen2", "mistral")
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +95,7 @@ def tiny_files(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """On disk: a tiny Llama and GPT-NeoX (with the tokenizer) and train/held-out text files."""
     root = tmp_path_factory.mktemp("tiny")
     paths = {}
-    for arch in ("llama", "gpt_neox"):
+    for arch in ARCHITECTURES:
         folder = root / arch
         make_model(arch, tokenizer).save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -11,15 +11,17 @@ from lorsa_hf.training.activations import ActivationSource
 from lorsa_hf.training.init import initialize_layer
 from lorsa_hf.training.recipe import InitSection
 
-from .conftest import make_model, tiny_recipe_dict
+from .conftest import ARCHITECTURES, make_model, tiny_recipe_dict
 
 MHSA = {"qk": "base", "ov": "base", "b_o": "mean", "match_norm": True}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("n_qk_heads,n_ov_heads", [(4, 32), (4, 64), (8, 64)])
 def test_base_init_reproduces_the_attention_block_with_every_head_active(tokenizer, arch, n_qk_heads, n_ov_heads):
-    """With K = n_ov the heads of a group sum to their base head's OV circuit (a Parseval frame when g >= hd)."""
+    """With K = n_ov the heads of a group sum to their base head's OV circuit (a Parseval frame when g >= hd).
+    Grouped-query key/value heads are expanded to the query heads reading them; Qwen2's q/k/v biases and
+    Qwen3's q/k norm gains (shared by its heads) are copied."""
     model = make_model(arch, tokenizer)
     config = LorsaConfig.from_base_config(
         model.config, [1], n_qk_heads=n_qk_heads, n_ov_heads=n_ov_heads, top_k=n_ov_heads
@@ -44,7 +46,20 @@ def test_base_qk_needs_the_base_head_geometry(tokenizer):
         initialize_layer(layer, InitSection(qk="base"), model, seed=0, calibration=None, top_k=8)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_base_qk_of_qwen3_needs_its_q_k_norm(tokenizer):
+    """Qwen3 normalises q and k inside its attention: copying its heads needs a Lorsa QK-norm with its eps."""
+    model = make_model("qwen3", tokenizer)
+    for overrides, message in (
+        ({"use_qk_norm": False}, "the base attention normalises q and k but lorsa.use_qk_norm is false"),
+        ({"qk_norm_eps": 1e-5}, "lorsa.qk_norm_eps is 1e-05 but the base q/k norm's eps is 1e-06"),
+    ):
+        config = LorsaConfig.from_base_config(model.config, [0], n_ov_heads=32, **overrides)
+        layer = LorsaForReplacement(config).layer(0)
+        with pytest.raises(ValueError, match=message):
+            initialize_layer(layer, InitSection(qk="base"), model, seed=0, calibration=None, top_k=8)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_mhsa_init_starts_at_lower_fvu_than_random(tiny_files, tmp_path, arch):
     fvu = {}
     for name, init in (("random", {}), ("mhsa", MHSA)):
