@@ -224,6 +224,7 @@ class LorsaLayer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: Any = None,
+        sliding_window: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each QK group's attention pattern A [B, n_qk, T, S] and the head values v [B, n_qk, S, g] behind
         `forward` (no cache) with the same arguments: z_i[s] = sum_t A_h(i)[s, t] v_i[t] (head i = group * g + j),
@@ -231,7 +232,8 @@ class LorsaLayer(nn.Module):
         `lorsa_hf.analysis` reads as z-patterns).
 
         q and k come from the forward's own `_queries_keys`, v from the same projection; rows with no key to
-        attend to (padding) are zero, as in the forward.
+        attend to (padding) are zero, as in the forward. `sliding_window` is taken as `forward` takes it; the
+        window itself arrives inside `attention_mask`, as in the forward.
         """
         path = PATHS[self.config.implementation]
         query, key = self._queries_keys(path, hidden_states, position_embeddings, position_ids, past_length=0)
@@ -243,7 +245,6 @@ class LorsaLayer(nn.Module):
         pattern = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         values = project_values(hidden_states, self.W_V, self.b_V, self.config.n_qk_heads)
         return pattern, values.to(pattern.dtype)
-
 
 
 __all__ = ["LorsaLayer", "LorsaLayerOutput"]
