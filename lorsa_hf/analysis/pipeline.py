@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..io import atomic_write_text
 from ..modeling_lorsa import LorsaForReplacement, LorsaLayer
 from .detectors import DETECTORS, score_heads
-from .files import write_atomically
 from .logits import Unembedding, logit_effects
 from .probes import ordinary_tokens, probe_sequences, tokenizer_families
 from .reading import LayerReader, check_layer, spliced_at
@@ -164,7 +164,7 @@ def analyze_layer(
         "seconds": {"corpus": corpus_seconds, "total": time.perf_counter() - started},
     }
     text = json.dumps(summary, indent=1) + "\n"
-    write_atomically(output / "report.json", lambda staging: Path(staging).write_text(text, encoding="utf-8"))
+    atomic_write_text(output / "report.json", text)
     return summary
 
 

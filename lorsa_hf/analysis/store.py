@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import write_atomically
+from ..io import atomic_write_path
 from .ranking import EMPTY_ROW, RankedTable, sample_keys
 
 FORMAT_VERSION = 1
@@ -201,7 +201,8 @@ class HeadActivationStore:
         """Write the store to one safetensors file, atomically (a killed save leaves the previous file)."""
         state = self.state()
         metadata = {"lorsa_hf_store": json.dumps(state["header"])}
-        write_atomically(path, lambda staging: save_file(state["tensors"], staging, metadata=metadata))
+        with atomic_write_path(path) as staging:
+            save_file(state["tensors"], staging, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadActivationStore:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .files import write_atomically
+from ..io import atomic_write_path, atomic_write_text
 from .viewer_page import PAGE
 
 
@@ -23,7 +23,7 @@ def write_viewer(path: str | os.PathLike, data: dict[str, Any], title: str) -> P
     """Write the viewer page to `path` atomically and return the path."""
     target = Path(path)
     page = render_viewer(data, title)
-    write_atomically(target, lambda staging: Path(staging).write_text(page, encoding="utf-8"))
+    atomic_write_text(target, page)
     return target
 
 
@@ -50,7 +50,8 @@ def write_z_pattern_heatmap(
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     figure.tight_layout()
     target = Path(path)
-    write_atomically(target, lambda staging: figure.savefig(staging, dpi=120, format="png"))
+    with atomic_write_path(target) as staging:
+        figure.savefig(staging, dpi=120, format="png")
     plt.close(figure)
     return target
 
