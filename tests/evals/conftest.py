@@ -7,13 +7,26 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lorsa_hf.evals.synthetic import induction_docs, ioi_docs, successor_docs
-from tests.conftest import make_base
+from tests.conftest import VOCAB, make_base
 
 TOKENIZER_VOCAB = 320
+BOS = 0
+
+
+def batches(seed: int, n_batches: int = 2, batch_size: int = 2, seq_len: int = 16) -> list[torch.Tensor]:
+    """Random token rows for the tiny base model (`tests.conftest.VOCAB`), each starting with BOS."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=generator)
+        ids[:, 0] = BOS
+        rows.append(ids)
+    return rows
 
 
 def sample_texts(n: int = 60) -> list[str]:

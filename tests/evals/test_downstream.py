@@ -12,23 +12,13 @@ import torch
 
 from lorsa_hf.evals.downstream import attention_output_means, downstream_metrics, residual_streams, resumed_at
 from lorsa_hf.evals.replacements import ZeroAblation, lorsa_replacements, replaced_attention
-from tests.conftest import VOCAB, make_base, make_lorsa
+from tests.conftest import make_base, make_lorsa
+from tests.evals.conftest import BOS, batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_eval import straightforward_downstream  # noqa: E402  (the computation the eval did before)
 
 LAYERS = [1, 2]
-BOS = 0
-
-
-def batches(seed: int, n_batches: int = 2, batch_size: int = 2, seq_len: int = 16) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=generator)
-        ids[:, 0] = BOS
-        rows.append(ids)
-    return rows
 
 
 def test_same_numbers_as_a_full_forward_per_condition(arch):

@@ -11,20 +11,10 @@ from lorsa_hf.evals.data import position_mask
 from lorsa_hf.evals.downstream import attention_output_means, downstream_metrics, loss_recovered
 from lorsa_hf.evals.reconstruction import ReconstructionAccumulator, reconstruction_metrics
 from lorsa_hf.evals.replacements import ZeroAblation, lorsa_replacements, original_attention
-from tests.conftest import VOCAB, make_base, make_lorsa
+from tests.conftest import make_base, make_lorsa
+from tests.evals.conftest import BOS, batches
 
 LAYERS = [0, 2]
-BOS = 0
-
-
-def batches(seed: int, n_batches: int = 2, batch_size: int = 2, seq_len: int = 16) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=generator)
-        ids[:, 0] = BOS
-        rows.append(ids)
-    return rows
 
 
 def test_fvu_of_perfect_and_mean_predictors():
