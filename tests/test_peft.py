@@ -4,12 +4,11 @@ Lorsa's W_V / W_O (`target_parameters`), trained, saved as an adapter and reload
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
 from tests.conftest import VOCAB, make_base, make_lorsa
-
-peft = pytest.importorskip("peft", reason="PEFT is the [peft] extra: pip install 'lorsa-hf[peft]'")
 
 LAYER = 1
 TARGETS = {
