@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED = "embedded"
+from ..evals.cli import texts_from_args
 
 
 def register_analyze(subparsers: argparse._SubParsersAction) -> None:
@@ -39,22 +39,24 @@ def register_analyze(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _texts(args: argparse.Namespace) -> list[str] | None:
-    if args.text_file:
-        missing = [path for path in args.text_file if not Path(path).is_file()]
-        if missing:
-            print(f"error: --text-file not found: {', '.join(missing)}", file=sys.stderr)
-            return None
-        return [Path(path).read_text(encoding="utf-8") for path in args.text_file]
+    """The `--text-file` documents, else the chosen split of the embedded corpus; None (after an error) when a
+    file is missing."""
+    try:
+        texts, _ = texts_from_args(args)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+    if texts is not None:
+        return texts
     from lorsa_hf import embedded_corpus
 
     return embedded_corpus(args.split)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lorsa_hf import LorsaForReplacement
 
-    from lorsa_hf import LorsaForReplacement, load_embedded_model
-
+    from ..evals.runner import load_base
     from .pipeline import AnalysisOptions, analyze_layer
     from .report import ReportOptions
     from .stream import CorpusOptions
@@ -65,13 +67,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     texts = _texts(args)
     if texts is None:
         return 2
-    if args.base == EMBEDDED:
-        model, tokenizer = load_embedded_model()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-    if args.tokenizer and args.base == EMBEDDED:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    model, tokenizer, _ = load_base(args.base, args.tokenizer, torch.float32)
     if args.device:
         model.to(args.device)
     lorsa = LorsaForReplacement.from_pretrained(args.lorsa)

@@ -55,11 +55,13 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _load_base(
+def load_base(
     base: str | os.PathLike | PreTrainedModel,
     tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None,
     dtype: torch.dtype,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """The base model in eval mode, its tokenizer (the given one, else the model's) and a name for reports;
+    `base` is a loaded model, a folder or Hub id, or "embedded" (the embedded SmolLM2-135M)."""
     if isinstance(base, PreTrainedModel):
         if tokenizer is None:
             raise ValueError("Pass the tokenizer along with an already loaded base model (tokenizer=...).")
@@ -95,7 +97,7 @@ def prepare(
     options: EvalOptions,
 ) -> EvalSetup:
     """Load what is not loaded yet, put the Lorsa on the base model's device and dtype, build the replacements."""
-    model, tokenizer, base_name = _load_base(base, tokenizer, options.dtype)
+    model, tokenizer, base_name = load_base(base, tokenizer, options.dtype)
     if options.device is not None:
         model.to(options.device)
     if not isinstance(lorsa, LorsaForReplacement):
@@ -256,6 +258,7 @@ __all__ = [
     "EvalOptions",
     "EvalSetup",
     "evaluate_lorsa",
+    "load_base",
     "prepare",
     "run_downstream",
     "run_lm_eval_tasks",
