@@ -84,6 +84,30 @@ def test_sliding_window_generation_beyond_the_window_equals_recomputing(cache_fo
     assert (unwindowed - full)[:, 4:].abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_sliding_layers_bound_only_the_lorsas_spliced_there(arch):
+    """Qwen2/Qwen3 with `use_sliding_window` slide from `max_window_layers` on: layer 0 keeps full attention,
+    layer 2 reads a 5-token window. Cached generation far beyond the window equals recomputation, and turning
+    the window off changes the logits, so the sliding Lorsa does honour it."""
+    overrides = dict(use_sliding_window=True, sliding_window=5, max_window_layers=2)
+    model = make_base(arch, **overrides)
+    assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention"]
+    adapter = lorsa_hf.adapters.get_adapter(model)
+    assert [adapter.sliding_window(model.config, layer) for layer in LAYERS] == [None, 5]
+    lorsa = make_lorsa(model.config, LAYERS)
+    lorsa.splice(model)
+    prompt = tokens(1, 4)
+    with torch.no_grad():
+        cached = model.generate(
+            prompt, max_new_tokens=14, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+        full = model(cached.sequences[:, :-1]).logits[:, prompt.shape[1] - 1 :]
+        torch.testing.assert_close(torch.stack(cached.logits, 1), full, rtol=0, atol=1e-4)
+        model.config.layer_types = ["full_attention"] * 3
+        unwindowed = model(cached.sequences[:, :-1]).logits[:, prompt.shape[1] - 1 :]
+    assert (unwindowed - full)[:, 4:].abs().max() > 1e-2
+
+
 def test_a_sliding_cache_layer_must_drop_keys_at_the_base_window_only():
     """Mistral's own sliding cache (window 5) serves the Lorsa; one with a narrower window would drop keys the
     mask still lets it read, and is refused."""
