@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..adapters import get_adapter
 from ..configuration_lorsa import LorsaConfig
 from ..modeling_lorsa import LorsaForReplacement
 from . import checkpoint
@@ -67,6 +68,7 @@ class LorsaTrainer:
         self.tokenizer = tokenizer
         self.config = self._lorsa_config(model)
         self._check_context_length(model)
+        self._check_sliding_window(model)
         self.layers = list(self.config.layers)
         self.store: ActivationStore | None = None
         if recipe.store.path:
@@ -120,6 +122,20 @@ class LorsaTrainer:
                 f"data.context_length ({self.recipe.data.context_length}) is beyond the {positions} positions "
                 f"of the base model {self.recipe.model.name}; use at most {positions}."
             )
+
+    def _check_sliding_window(self, model: PreTrainedModel) -> None:
+        """Training feeds the Lorsa plain causal attention; spliced, it reads the base layer's window. The two
+        agree only while every training row fits inside the window."""
+        context_length = self.recipe.data.context_length
+        adapter = get_adapter(model)
+        for layer in self.recipe.lorsa.layers:
+            window = adapter.sliding_window(model.config, layer)
+            if window is not None and context_length > window:
+                raise RecipeError(
+                    f"Layer {layer} of {self.recipe.model.name} attends over a sliding window of {window} tokens, "
+                    f"shorter than data.context_length ({context_length}): the Lorsa would train on keys the "
+                    f"spliced layer never reads. Use data.context_length <= {window}."
+                )
 
     def _activation_sources(self) -> dict[str, ActivationsFn]:
         """Per split (calibration, heldout, train), what gives the base-model activations of rows: the live

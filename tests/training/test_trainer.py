@@ -21,7 +21,7 @@ from lorsa_hf.training import LorsaTrainer, recipe_from_dict
 from lorsa_hf.training.recipe import RecipeError
 from lorsa_hf.training.step import aux_loss
 
-from .conftest import tiny_recipe_dict
+from .conftest import make_model, tiny_recipe_dict
 
 
 def test_short_run_lowers_fvu_well_below_start(tiny_files, tmp_path):
@@ -105,6 +105,17 @@ def test_bad_settings_fail_before_training(tiny_files, tmp_path):
         LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path, data={"context_length": 4096})))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path))).train(resume=True)
+
+
+def test_refuses_rows_longer_than_a_sliding_window_the_spliced_layer_reads(tiny_files, tmp_path, tokenizer):
+    """Mistral with a 16-token window: 32-token rows would teach the Lorsa keys it never sees once spliced."""
+    model = make_model("mistral", tokenizer)
+    model.config.sliding_window = 16
+    recipe = tiny_recipe_dict(tiny_files, tmp_path, arch="mistral")
+    with pytest.raises(RecipeError, match=r"sliding window of 16 tokens.*data.context_length <= 16"):
+        LorsaTrainer(recipe_from_dict(recipe), model=model, tokenizer=tokenizer)
+    recipe["data"]["context_length"] = 16
+    LorsaTrainer(recipe_from_dict(recipe), model=model, tokenizer=tokenizer)
 
 
 def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
