@@ -235,6 +235,36 @@ def test_lm_eval_hflm_scores_the_spliced_model(tokenizer):
     assert logprob == pytest.approx(expected, abs=1e-4)
 
 
+def test_nnsight_traces_reads_and_edits_the_lorsa(tokenizer):
+    """nnsight wraps the spliced model like any module tree: the Lorsa layer's output is readable inside a trace
+    (it is what the replaced attention returns), and an edit to it changes the logits exactly as a hook would."""
+    from nnsight import NNsight
+
+    model, _ = spliced("llama", tokenizer)
+    ids = prompt(tokenizer)
+    wrapped = NNsight(model)
+    with torch.no_grad(), wrapped.trace(ids):
+        lorsa_output = wrapped.model.layers[0].self_attn.lorsa.output.save()
+        attention_output = wrapped.model.layers[0].self_attn.output.save()
+        logits = wrapped.output.logits.save()
+    with torch.no_grad(), wrapped.trace(ids):
+        wrapped.model.layers[0].self_attn.output[0][:] = 0
+        edited = wrapped.output.logits.save()
+
+    assert torch.equal(lorsa_output.hidden_states, attention_output[0])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(ids).logits, rtol=0, atol=0)
+    attention = model.model.layers[0].self_attn
+    handle = attention.register_forward_hook(lambda module, args, output: (torch.zeros_like(output[0]), *output[1:]))
+    try:
+        with torch.no_grad():
+            hooked = model(ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(edited, hooked, rtol=0, atol=0)
+    assert (edited - logits).abs().max() > 1e-2
+
+
 def test_torch_compile_fullgraph_gives_the_eager_logits(tokenizer):
     """Under torch.compile the layer takes the dense path (the same function, which the compiler can trace)."""
     model, _ = spliced("llama", tokenizer)
