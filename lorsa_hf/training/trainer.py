@@ -23,16 +23,16 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..adapters import get_adapter
 from ..configuration_lorsa import LorsaConfig
 from ..modeling_lorsa import LorsaForReplacement
 from . import checkpoint
 from .activations import ActivationSource, load_base_model
+from .checks import check_batch_split, check_k, check_model_fits
 from .data import PackerState, TextSource, batches, first_batch, heldout_batches, loss_mask, packer, text_sources
 from .distributed import ActivationsFn, make_accelerator, make_strategy
 from .init import initialize_layer
 from .metrics import DeadHeadTracker, LayerStats, MetricsLog, Stats, add_stats, reduce_stats, summarize
-from .recipe import Recipe, RecipeError, TrainingSection
+from .recipe import Recipe
 from .schedules import lr_factor, top_k_at
 from .step import AuxiliaryLoss, Batch, LayerOutput, LorsaTrainingModule, run_layers, training_loss
 from .store import SPLITS, ActivationStore
@@ -56,19 +56,14 @@ class LorsaTrainer:
         self.output_dir = Path(recipe.output_dir)
         self.accelerator = acc = accelerator or make_accelerator(training, recipe.output_dir)
         self.world_size, self.rank = acc.num_processes, acc.process_index
-        if recipe.data.batch_size % self.world_size:
-            raise RecipeError(
-                f"data.batch_size ({recipe.data.batch_size}) must be divisible by the number of processes "
-                f"({self.world_size}): each process takes an equal slice of every batch."
-            )
+        check_batch_split(recipe, self.world_size)
         set_seed(training.seed)
         if model is None or tokenizer is None:
             model, tokenizer = load_base_model(recipe)
+        check_model_fits(recipe, model)
         self.base_model = model.to(acc.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = self._lorsa_config(model)
-        self._check_context_length(model)
-        self._check_sliding_window(model)
         self.layers = list(self.config.layers)
         self.store: ActivationStore | None = None
         if recipe.store.path:
@@ -83,7 +78,7 @@ class LorsaTrainer:
         self.source = self.sources["train"]
         self.total_steps = recipe.total_steps
         self.k_aux = training.k_aux or self.config.hidden_size // 2
-        self._check_k(training)
+        check_k(training, self.config.n_ov_heads)
         owned_config = copy.deepcopy(self.config)
         owned_config.layers = self.owned
         self.lorsa = LorsaForReplacement(owned_config).to(acc.device)
@@ -115,28 +110,6 @@ class LorsaTrainer:
         config.base_model_revision = self.recipe.model.revision
         return config
 
-    def _check_context_length(self, model: PreTrainedModel) -> None:
-        positions = getattr(model.config, "max_position_embeddings", None)
-        if positions is not None and self.recipe.data.context_length > positions:
-            raise RecipeError(
-                f"data.context_length ({self.recipe.data.context_length}) is beyond the {positions} positions "
-                f"of the base model {self.recipe.model.name}; use at most {positions}."
-            )
-
-    def _check_sliding_window(self, model: PreTrainedModel) -> None:
-        """Training feeds the Lorsa plain causal attention; spliced, it reads the base layer's window. The two
-        agree only while every training row fits inside the window."""
-        context_length = self.recipe.data.context_length
-        adapter = get_adapter(model)
-        for layer in self.recipe.lorsa.layers:
-            window = adapter.sliding_window(model.config, layer)
-            if window is not None and context_length > window:
-                raise RecipeError(
-                    f"Layer {layer} of {self.recipe.model.name} attends over a sliding window of {window} tokens, "
-                    f"shorter than data.context_length ({context_length}): the Lorsa would train on keys the "
-                    f"spliced layer never reads. Use data.context_length <= {window}."
-                )
-
     def _activation_sources(self) -> dict[str, ActivationsFn]:
         """Per split (calibration, heldout, train), what gives the base-model activations of rows: the live
         model, or the store, looking in that split first (the same rows may sit in two forward batches)."""
@@ -145,11 +118,6 @@ class LorsaTrainer:
             return {split: live for split in SPLITS}
         device = self.accelerator.device
         return {split: self.store.activations(self.layers, device, prefer=split) for split in SPLITS}
-
-    def _check_k(self, training: TrainingSection) -> None:
-        for name, k in (("training.k_initial", training.k_initial), ("training.k_aux", training.k_aux)):
-            if k is not None and not 0 < k <= self.config.n_ov_heads:
-                raise RecipeError(f"{name} must be between 1 and lorsa n_ov_heads ({self.config.n_ov_heads}), got {k}.")
 
     def _initialize(self) -> None:
         """The recipe's initialisation, from calibration rows at the start of the training text."""
