@@ -19,7 +19,7 @@ def _numeric(values: list[Any]) -> bool:
 def _title(plan: SweepPlan, key: str) -> str:
     name = key.rsplit(".", 1)[-1]
     if plan.qk_budget is not None and key in (D_QK, N_QK):
-        return f"Held-out FVU against {name} at fixed QK parameters (n_qk_heads x d_qk_head = {plan.qk_budget})"
+        return f"Held-out FVU against {name}\nat fixed QK parameters (n_qk_heads x d_qk_head = {plan.qk_budget})"
     return f"Held-out FVU against {name}"
 
 
