@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, pipeline
+from transformers import AutoModelForCausalLM, StaticCache, Trainer, TrainingArguments, pipeline
 
 from lorsa_hf import load_spliced, spliced_layers
 from tests.conftest import make_lorsa
@@ -255,3 +255,24 @@ def test_torch_compile_fullgraph_gives_the_eager_logits(tokenizer):
     keep = batch.attention_mask.bool()
     torch.testing.assert_close(compiled[keep], eager[keep], rtol=0, atol=1e-4)
 
+
+def test_torch_compile_fullgraph_decodes_with_a_static_cache_as_eager(tokenizer):
+    """Compiled decoding as transformers runs it: the prompt eagerly into a StaticCache, then each step through
+    `torch.compile(model.forward, fullgraph=True)`; the same tokens and logits as eager decoding."""
+    model, _ = spliced("llama", tokenizer)
+    ids = prompt(tokenizer)
+
+    def decode(forward, steps: int = 3) -> torch.Tensor:
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps)
+        logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+        for step in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            position = torch.tensor([[ids.shape[1] + step]])
+            logits.append(forward(input_ids=token, past_key_values=cache, position_ids=position).logits[:, -1])
+        return torch.stack(logits, 1)
+
+    with torch.no_grad():
+        eager = decode(model.forward)
+        compiled = decode(torch.compile(model.forward, fullgraph=True))
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
