@@ -40,6 +40,13 @@ class CacheNotSupportedError(TypeError):
     """A cache whose layers would silently change what a Lorsa layer attends over."""
 
 
+def refuse_continuous_batching(*args: Any, **kwargs: Any) -> None:
+    """Stands in a spliced model's `init_continuous_batching`, which every continuous batching entry point calls
+    first: the paged cache would reach the Lorsa inside the batching thread, which logs the refusal and returns
+    the requests unanswered instead of raising it."""
+    raise CacheNotSupportedError(f"{PAGED_REFUSAL} {USE_INSTEAD}")
+
+
 def _refusal(cache: Any, layer_idx: int, kind: type | None) -> str:
     """Why `cache` (its layer `layer_idx` of class `kind`) cannot hold a Lorsa's keys and values, by name."""
     name = type(cache).__name__
@@ -127,4 +134,4 @@ def update_cache(
     return key, value, (past, key_start)
 
 
-__all__ = ["CacheNotSupportedError", "check_cache", "update_cache"]
+__all__ = ["CacheNotSupportedError", "check_cache", "refuse_continuous_batching", "update_cache"]

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
+from lorsa_hf import unsplice
 from lorsa_hf.cache_support import CacheNotSupportedError
 from lorsa_hf.configuration_lorsa import CACHE_FORMATS
 from tests.conftest import ARCHITECTURES, MISTRAL_WINDOW, VOCAB, make_base, make_lorsa
@@ -142,6 +143,17 @@ def test_an_encoder_decoder_cache_is_refused_by_name():
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     with pytest.raises(CacheNotSupportedError, match="EncoderDecoderCache holds the self- and cross-attention"):
         model(tokens(1, 4), past_key_values=cache, use_cache=True)
+
+
+def test_continuous_batching_is_refused_by_name_until_unsplice():
+    """Refused before the batching thread starts, which would log the error and answer nothing."""
+    model, _ = spliced_model("llama")
+    with pytest.raises(CacheNotSupportedError, match=r"PagedAttentionCache \(continuous batching"):
+        model.generate(tokens(1, 4), max_new_tokens=2, cache_implementation="paged")
+    with pytest.raises(CacheNotSupportedError, match="PagedAttentionCache"):
+        model.generate_batch([[5, 6, 7]])
+    unsplice(model)
+    assert "init_continuous_batching" not in vars(model)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
