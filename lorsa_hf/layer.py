@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from .cache_support import check_cache
+from .cache_support import check_cache, update_cache
 from .configuration_lorsa import LorsaConfig
 from .ops.cached_inputs import input_form_attention, inputs_for_cache
-from .ops.masks import boolean_attention_mask
+from .ops.masks import boolean_attention_mask, mask_over_buffer
 from .ops.paths import PATHS, LorsaPath
 from .ops.projection import project_values
 from .ops.rotary import apply_rotary
 from .ops.selection import decoder_norms, select_from_groups
 from .rotary_embedding import LorsaRotaryEmbedding
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass
@@ -97,13 +94,15 @@ class LorsaLayer(nn.Module):
             position_embeddings: The base model's `(cos, sin)` [B, T, rotary_dim]; when None the layer
                 computes its own from `position_ids` (default: positions after what `cache` holds).
             attention_mask: Any mask transformers gives an attention module (None means causal).
-            cache: A transformers `Cache`; keys [B, n_qk, T, d_qk] are appended at index `layer_idx`, and as its
-                values either the head values [B, n_qk, T, g] or, with `config.cached_inputs`, the input itself
-                (laid out by `lorsa_hf.ops.cached_inputs.inputs_for_cache`: [B, n_qk, T, d / n_qk]).
+            cache: A transformers `Cache` (dynamic or static layers, `lorsa_hf.cache_support`); keys
+                [B, n_qk, T, d_qk] are written at index `layer_idx`, and as its values either the head values
+                [B, n_qk, T, g] or, with `config.cached_inputs`, the input itself (laid out by
+                `lorsa_hf.ops.cached_inputs.inputs_for_cache`: [B, n_qk, T, d / n_qk]).
             output_activations: Also return `z` and the selected activations.
             top_k: Heads kept per token for this call (K annealing in training); defaults to `config.top_k`.
             sliding_window: The window `attention_mask` carries (a sliding-window base layer's, e.g. Mistral's):
-                a cache layer that drops the keys older than exactly this window is then accepted.
+                a cache layer that drops the keys older than exactly this window is then accepted, and the mask
+                over a static layer's buffer keeps to it.
         """
         config = self.config
         top_k = config.top_k if top_k is None else top_k
@@ -125,7 +124,7 @@ class LorsaLayer(nn.Module):
 
         # z [N, n_ov] (head i = group * g + j), the kept activations a and their heads [N, K]
         z, top_k_values, top_k_indices = self._attend_and_select(
-            path, query, key, hidden_states, attention_mask, cache, past_length, top_k
+            path, query, key, hidden_states, attention_mask, cache, top_k, sliding_window
         )
 
         # The decode: the K selected rows of W_O per token (sparse, with its own backward), or the dense reference
@@ -168,9 +167,10 @@ class LorsaLayer(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         position_ids: torch.Tensor | None,
-        past_length: int,
+        past_length: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k [B, n_qk, T, d_qk], QK-normed and rotated (positions default to those after `past_length`)."""
+        """q and k [B, n_qk, T, d_qk], QK-normed and rotated (positions default to those after `past_length`, an
+        int or a static cache's 0-dim counter)."""
         config = self.config
         query, key = path.project_queries_keys(hidden_states, self.W_Q, self.b_Q, self.W_K, self.b_K)
         if config.use_qk_norm:
@@ -179,7 +179,7 @@ class LorsaLayer(nn.Module):
             if position_embeddings is None:
                 if position_ids is None:
                     seq_len = hidden_states.shape[1]
-                    position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
+                    position_ids = (torch.arange(seq_len, device=hidden_states.device) + past_length)[None]
                 position_embeddings = self.rotary_emb(hidden_states, position_ids)
             cos, sin = position_embeddings
             query = apply_rotary(query, cos, sin, config.rotary_adjacent_pairs, one_node=path.rotary_one_node)
@@ -194,28 +194,46 @@ class LorsaLayer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: Any,
         cache: Cache | None,
-        past_length: int,
         top_k: int,
+        sliding_window: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z_i[s] = sum_t A_h(i)[s, t] v_i[t] (one attention per QK group with value width g) and the TopK selection
-        weighted by the decoder norms, with the keys and values of `cache` prepended. The fast path runs both as
-        one node whose gradient reaches z only at the kept entries, and projects v = x W_V^T + b_V where it is
-        cheaper. A cache of values gets v; a cache of inputs gets x, and every step after the first attends
-        over x and projects with W_V afterwards (the input form, docs/method.md §1b)."""
+        weighted by the decoder norms, over the keys and values `cache` holds (`_update_cache`, which also gives the
+        mask over them). The fast path runs both as one node whose gradient reaches z only at the kept entries,
+        and projects v = x W_V^T + b_V where it is cheaper. A cache of values gets v; a cache of inputs gets x,
+        and wherever it holds keys of other tokens than these (earlier ones, or a static layer's buffer) the
+        attention runs over x and projects with W_V afterwards (the input form, docs/method.md §1b)."""
         config = self.config
         scale = 1.0 / config.attn_scale
         if cache is not None and not config.cached_inputs:
             value = project_values(hidden_states, self.W_V, self.b_V, config.n_qk_heads)  # [B, n_qk, T, g]
-            key, value = cache.update(key, value, self.layer_idx)
+            key, value, attention_mask = self._update_cache(cache, key, value, attention_mask, sliding_window)
             return path.attention_top_k(query, key, value, attention_mask, scale, self.W_O, top_k, config.activation)
         if cache is not None:
-            key, inputs = cache.update(key, inputs_for_cache(hidden_states, config.n_qk_heads), self.layer_idx)
-            if past_length > 0:
+            inputs = inputs_for_cache(hidden_states, config.n_qk_heads)
+            key, inputs, attention_mask = self._update_cache(cache, key, inputs, attention_mask, sliding_window)
+            if key.shape[-2] != hidden_states.shape[1]:
                 z = input_form_attention(query, key, inputs, self.W_V, self.b_V, attention_mask, scale=scale)
                 return select_from_groups(z, decoder_norms(self.W_O), top_k, config.activation)
         return path.projected_attention_top_k(
             query, key, hidden_states, self.W_V, self.b_V, attention_mask, scale, self.W_O, top_k, config.activation
         )
+
+    def _update_cache(
+        self, cache: Cache, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, sliding_window: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Every key and cache value this layer holds after writing the new ones (`update_cache`), and the mask
+        over them: the given one, or over a static layer's buffer one that also hides the slots not yet written
+        and keeps to `sliding_window`."""
+        batch_size, _, query_length, _ = key.shape
+        key, value, positions = update_cache(cache, self.layer_idx, key, value)
+        if positions is not None:
+            query_start, key_start = positions
+            attention_mask = mask_over_buffer(
+                attention_mask, batch_size, query_start, key_start, query_length, key.shape[-2], key.device,
+                sliding_window,
+            )
+        return key, value, attention_mask
 
     @torch.no_grad()
     def attention_pattern(

@@ -1,4 +1,5 @@
-"""The record of a splice in the base model's config, and saving a spliced model without losing anything.
+"""The record of a splice in the base model's config, saving a spliced model without losing anything, and the
+transformers entry points a spliced model refuses (continuous batching).
 
 `base.save_pretrained(dir)` on a spliced model writes the base model's own weights (the attention modules the
 Lorsa stands in for included), so `dir` loads as the clean base model, and each spliced Lorsa beside them in a
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .cache_support import refuse_continuous_batching
 from .io import WEIGHT_FILE_PATTERNS, atomic_save_directory
 
 RECORD_ATTRIBUTE = "lorsa_splice"
@@ -39,13 +41,15 @@ def _groups(model: PreTrainedModel) -> list[tuple[Any, list[int]]]:
 
 
 def update_record(model: PreTrainedModel) -> None:
-    """Write `model.config.lorsa_splice` (what is spliced where, and where a save puts each Lorsa) and route
-    `model.save_pretrained` through `save_spliced_pretrained`; remove both once nothing is spliced."""
+    """Write `model.config.lorsa_splice` (what is spliced where, and where a save puts each Lorsa), route
+    `model.save_pretrained` through `save_spliced_pretrained` and refuse continuous batching by name
+    (`cache_support.refuse_continuous_batching`); remove all three once nothing is spliced."""
     groups = _groups(model)
     if not groups:
         if hasattr(model.config, RECORD_ATTRIBUTE):
             delattr(model.config, RECORD_ATTRIBUTE)
         model.__dict__.pop("save_pretrained", None)
+        model.__dict__.pop("init_continuous_batching", None)
         return
     record = []
     for index, (owner, layers) in enumerate(groups):
@@ -61,6 +65,7 @@ def update_record(model: PreTrainedModel) -> None:
         )
     setattr(model.config, RECORD_ATTRIBUTE, record)
     model.__dict__["save_pretrained"] = types.MethodType(save_spliced_pretrained, model)
+    model.__dict__["init_continuous_batching"] = refuse_continuous_batching
 
 
 def base_state_dict(model: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -36,8 +36,10 @@ class LorsaSplicedAttention(nn.Module):
 
     Arguments are bound against the replaced module's own signature, so positional and keyword calls mean
     what they meant to the original (GPTNeoX passes the cache as `layer_past`, Llama as `past_key_values` or
-    `cache` depending on the transformers release). The replaced module is kept, unregistered, for `unsplice`
-    and for saving (a state dict of the base model's own weights reloads into it, see `splice_record`).
+    `cache` depending on the transformers release). The binding reads only the positional names, kept as a
+    tuple, so that torch.compile traces the call (`inspect.Signature.bind` breaks a full graph). The replaced
+    module is kept, unregistered, for `unsplice` and for saving (a state dict of the base model's own weights
+    reloads into it, see `splice_record`).
     """
 
     is_lorsa_splice = True
@@ -57,17 +59,18 @@ class LorsaSplicedAttention(nn.Module):
         self.use_base_rotary = use_base_rotary
         self.sliding_window = sliding_window
         self._cache_arguments = adapter.cache_arguments
-        self._signature = inspect.signature(original.forward)
+        self._positional_names = _positional_names(original.forward)
         object.__setattr__(self, "original_module", original)
         object.__setattr__(self, "lorsa_model", lorsa_model)
         self.register_load_state_dict_pre_hook(_load_base_weights)
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        bound = self._signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        for name, parameter in self._signature.parameters.items():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(arguments.pop(name, {}))
+        if len(args) > len(self._positional_names):
+            raise TypeError(
+                f"{type(self.original_module).__name__}.forward takes {len(self._positional_names)} positional "
+                f"arguments but {len(args)} were given."
+            )
+        arguments = {**dict(zip(self._positional_names, args, strict=False)), **kwargs}
         cache = next((arguments[name] for name in self._cache_arguments if arguments.get(name) is not None), None)
         position_embeddings = arguments.get("position_embeddings") if self.use_base_rotary else None
         output = self.lorsa(
@@ -83,6 +86,12 @@ class LorsaSplicedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, replaces={type(self.original_module).__name__}"
+
+
+def _positional_names(forward: Any) -> tuple[str, ...]:
+    """The names a call to `forward` binds positional arguments to, in order."""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(name for name, p in inspect.signature(forward).parameters.items() if p.kind in positional)
 
 
 def _record_no_pattern() -> None:

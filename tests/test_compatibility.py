@@ -7,10 +7,9 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, StaticCache, Trainer, TrainingArguments, pipeline
+from transformers import AutoModelForCausalLM, StaticCache, Trainer, TrainingArguments, pipeline
 
 from lorsa_hf import load_spliced, spliced_layers
-from lorsa_hf.cache_support import CacheNotSupportedError
 from tests.conftest import make_lorsa
 from tests.training.conftest import make_model, make_tokenizer
 
@@ -34,25 +33,6 @@ def prompt(tokenizer) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ refused by name
-
-
-@pytest.mark.parametrize("implementation", ["static", "sliding_window"])
-def test_static_cache_implementations_are_refused_by_name(arch, tokenizer, implementation):
-    model, _ = spliced(arch, tokenizer)
-    refused = r"StaticCache \(layer 0: Static(SlidingWindow)?Layer\) cannot hold"  # Mistral's are sliding
-    with pytest.raises(CacheNotSupportedError, match=refused):
-        model.generate(prompt(tokenizer), max_new_tokens=2, do_sample=False, cache_implementation=implementation)
-
-
-def test_a_user_made_static_cache_is_refused_and_a_dynamic_one_is_exact(tokenizer):
-    model, _ = spliced("llama", tokenizer)
-    ids = prompt(tokenizer)
-    with pytest.raises(CacheNotSupportedError, match="default dynamic cache"):
-        model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=32), use_cache=True)
-    with torch.no_grad():
-        cached = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=DynamicCache())
-        recomputed = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
-    assert torch.equal(cached, recomputed)
 
 
 def test_output_attentions_keeps_one_entry_per_layer(arch, tokenizer):
@@ -274,3 +254,25 @@ def test_torch_compile_fullgraph_gives_the_eager_logits(tokenizer):
         compiled = torch.compile(model, fullgraph=True)(**batch).logits
     keep = batch.attention_mask.bool()
     torch.testing.assert_close(compiled[keep], eager[keep], rtol=0, atol=1e-4)
+
+
+def test_torch_compile_fullgraph_decodes_with_a_static_cache_as_eager(tokenizer):
+    """Compiled decoding as transformers runs it: the prompt eagerly into a StaticCache, then each step through
+    `torch.compile(model.forward, fullgraph=True)`; the same tokens and logits as eager decoding."""
+    model, _ = spliced("llama", tokenizer)
+    ids = prompt(tokenizer)
+
+    def decode(forward, steps: int = 3) -> torch.Tensor:
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps)
+        logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+        for step in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            position = torch.tensor([[ids.shape[1] + step]])
+            logits.append(forward(input_ids=token, past_key_values=cache, position_ids=position).logits[:, -1])
+        return torch.stack(logits, 1)
+
+    with torch.no_grad():
+        eager = decode(model.forward)
+        compiled = decode(torch.compile(model.forward, fullgraph=True))
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)

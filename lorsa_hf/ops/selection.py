@@ -13,10 +13,11 @@ def decoder_norms(W_O: torch.Tensor) -> torch.Tensor:
     """||W_O[i]|| [n_ov], without gradient (they only rank heads). Outside training (no gradient wanted for W_O)
     the result is kept on W_O and reused until W_O changes (a new tensor, or an in-place change, which bumps its
     version): a decode step then reads no more than K rows of W_O. An in-place change through `W_O.data` is
-    invisible to PyTorch's version counter; after one, `del W_O.lorsa_decoder_norms` drops the kept norms."""
+    invisible to PyTorch's version counter; after one, `del W_O.lorsa_decoder_norms` drops the kept norms. Under
+    torch.compile they are computed in the graph (it cannot trace reading a data pointer)."""
     training = torch.is_grad_enabled() and W_O.requires_grad
     with torch.no_grad():
-        if training:
+        if training or torch.compiler.is_compiling():
             return W_O.norm(dim=-1)
         key = (W_O.data_ptr(), W_O._version, W_O.dtype)
         cached = getattr(W_O, "lorsa_decoder_norms", None)
