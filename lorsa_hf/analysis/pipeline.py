@@ -85,14 +85,23 @@ def detector_scores(
 
 @torch.no_grad()
 def z_pattern_window(
-    model: PreTrainedModel, module: LorsaLayer, context: Context, options: ReportOptions
-) -> tuple[torch.Tensor, int]:
-    """[W, W] contributions of a head over the window before its context's position (query rows, key columns),
-    and the window's first position."""
+    model: PreTrainedModel, module: LorsaLayer, context: Context, options: ReportOptions,
+    fraction: float = 0.05, extra_keys: int = 8,
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """A head's contributions over the window before its context's position: [queries, keys], with the query
+    positions and the key positions. The keys are the window's, plus (up to `extra_keys`) earlier tokens whose
+    contribution to the context's position is at least `fraction` of its largest one: an induction head's
+    earlier occurrence usually lies outside any short window."""
     first = max(0, context.position - options.before)
     read = LayerReader(model, module)(torch.tensor([context.token_ids]))
     contributions = z_pattern(module, read.hidden_states, **read.arguments).contributions(context.head)
-    return contributions[first : context.position + 1, first : context.position + 1], first
+    focus = contributions[context.position, :first].abs()
+    strongest = float(contributions[context.position].abs().max())
+    earlier = [int(t) for t in torch.argsort(focus, descending=True, stable=True)[:extra_keys]
+               if strongest > 0 and focus[t] >= fraction * strongest]
+    queries = list(range(first, context.position + 1))
+    keys = sorted(earlier) + queries
+    return contributions[queries][:, keys], queries, keys
 
 
 def _heatmaps(
@@ -104,11 +113,14 @@ def _heatmaps(
         contexts = store.top_contexts(head)
         if not contexts:
             continue
-        matrix, first = z_pattern_window(model, module, contexts[0], options)
-        labels = [tokenizer.decode([t]) for t in contexts[0].token_ids[first : contexts[0].position + 1]]
+        tokens = contexts[0].token_ids
+        matrix, queries, keys = z_pattern_window(model, module, contexts[0], options)
+        labels = [tokenizer.decode([tokens[q]]) for q in queries]
+        key_labels = [tokenizer.decode([tokens[k]]) if k >= queries[0] else f"[{k}] {tokenizer.decode([tokens[k]])}"
+                      for k in keys]
         name = f"zpattern-{label}-head{head}.png"
         title = f"layer {store.layer} head {head} ({label}): z-pattern of its top context"
-        write_z_pattern_heatmap(output / name, matrix, labels, title)
+        write_z_pattern_heatmap(output / name, matrix, labels, title, key_labels=key_labels)
         written.append(name)
     return written
 

@@ -5,8 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from lorsa_hf.analysis import AnalysisOptions, CorpusOptions, HeadActivationStore, ReportOptions, analyze_layer
+from lorsa_hf.analysis import (
+    AnalysisOptions,
+    CorpusOptions,
+    HeadActivationStore,
+    ReportOptions,
+    analyze_corpus,
+    analyze_layer,
+    z_pattern,
+)
+from lorsa_hf.analysis.pipeline import z_pattern_window
+from lorsa_hf.analysis.reading import LayerReader, spliced_at
 
 
 def small_options(n_rows: int) -> AnalysisOptions:
@@ -49,3 +60,18 @@ def test_a_layer_the_lorsa_does_not_replace_is_refused(model, lorsa, tokenizer, 
 def test_a_top_n_that_is_not_positive_is_refused():
     with pytest.raises(ValueError, match="top_n must be a positive number"):
         AnalysisOptions(top_n=0)
+
+
+def test_a_heat_map_keeps_the_earlier_tokens_that_contribute_beyond_its_window(model, lorsa, tokenizer, texts):
+    store = analyze_corpus(model, lorsa, 1, texts, tokenizer, CorpusOptions(seq_len=16, n_tokens=64, batch_size=4),
+                           progress=False)
+    head = int(store.frequency().argmax())
+    context = max(store.top_contexts(head), key=lambda c: c.position)
+    module = lorsa.layer(1)
+    with spliced_at(model, lorsa, 1):
+        matrix, queries, keys = z_pattern_window(model, module, context, ReportOptions(before=2), fraction=0.0)
+        read = LayerReader(model, module)(torch.tensor([context.token_ids]))
+        full = z_pattern(module, read.hidden_states, **read.arguments).contributions(head)
+    assert queries == list(range(context.position - 2, context.position + 1))
+    assert keys == sorted(keys) and keys[-3:] == queries and int(full[context.position].abs().argmax()) in keys
+    assert torch.equal(matrix, full[queries][:, keys])
