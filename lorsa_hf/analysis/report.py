@@ -76,16 +76,30 @@ def context_details(
             for index in by_row[row]:
                 kind, context = contexts[index]
                 first, stop = _window(context, options)
-                contributions = pattern.at(context.head, context.position, batch)[first:stop]
+                row_contributions = pattern.at(context.head, context.position, batch)
+                contributions = row_contributions[first:stop]
                 details[index] = {
                     "kind": kind, "row": context.row, "position": context.position, "focus": context.position - first,
                     "activation": context.activation, "tokens": context.token_ids[first:stop],
                     "activations": activations[batch, first:stop, context.head].tolist(),
                     "z": contributions.tolist(),
-                    "z_total": float(pattern.at(context.head, context.position, batch).sum()),
+                    "z_total": float(row_contributions.sum()),
+                    "earlier": earlier_contributions(row_contributions, first, context.token_ids),
                 }
     return details
 
+
+
+def earlier_contributions(
+    contributions: torch.Tensor, first: int, token_ids: list[int], fraction: float = 0.05, most: int = 4
+) -> list[list[float]]:
+    """[position, token id, contribution] of the (at most `most`) tokens before a context's window whose
+    contribution to its activation is at least `fraction` of the largest, in order: what the window leaves out."""
+    strongest = float(contributions.abs().max()) if len(contributions) else 0.0
+    before = contributions[:first].abs()
+    order = torch.argsort(before, descending=True, stable=True)[:most]
+    kept = sorted(int(t) for t in order if strongest > 0 and before[t] >= fraction * strongest)
+    return [[t, token_ids[t], float(contributions[t])] for t in kept]
 
 
 def _pairs(tokens: torch.Tensor, values: torch.Tensor) -> list[list[float]]:
@@ -130,10 +144,11 @@ def token_strings(tokenizer: PreTrainedTokenizerBase, entries: list[dict[str, An
         ids.update(t for t, _ in entry["promoted"] + entry["suppressed"])
         for context in entry["contexts"]:
             ids.update(context["tokens"])
+            ids.update(int(token) for _, token, _ in context.get("earlier", []))
     return {str(i): tokenizer.decode([i]) for i in sorted(ids)}
 
 
 __all__ = [
-    "DETECTION_THRESHOLD", "ReportOptions", "chosen_heads", "context_details", "detection_counts", "head_entries",
-    "token_strings",
+    "DETECTION_THRESHOLD", "ReportOptions", "chosen_heads", "context_details", "detection_counts",
+    "earlier_contributions", "head_entries", "token_strings",
 ]

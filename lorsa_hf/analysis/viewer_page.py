@@ -44,7 +44,8 @@ PAGE = r"""<!DOCTYPE html>
     <input id="search" type="search" placeholder="search: head number or promoted token">
     <label>sort by <select id="sort"></select></label>
     <span class="legend">Tokens are shaded by the head's activation; click a context to shade it by the
-      z-pattern: each earlier token's contribution to the activation at the outlined token.</span>
+      z-pattern: each earlier token's contribution to the activation at the outlined token (tokens before the
+      window that contribute are shown first, with their position).</span>
   </div>
   <div id="heads"></div>
   <button class="more" id="more">show more heads</button>
@@ -82,6 +83,13 @@ PAGE = r"""<!DOCTYPE html>
   function renderContext(context, maxActivation) {
     const line = el("div", "context " + context.kind);
     line.appendChild(el("span", "act", (context.kind === "weak" ? "~" : "") + context.activation.toFixed(3)));
+    const earlier = (context.earlier || []).map(([position, id, value]) => {
+      const span = el("span", "tok shaded earlier", "[" + position + "]" + text(id));
+      span.title = "token " + position + ", before the window: z contribution " + value.toFixed(3);
+      line.appendChild(span);
+      return [span, value];
+    });
+    if (earlier.length) line.appendChild(el("span", "earlier gap", " … "));
     const spans = context.tokens.map((id, i) => {
       const span = el("span", "tok shaded" + (i === context.focus ? " focus" : ""), text(id));
       span.title = "activation " + context.activations[i].toFixed(3) + "  z contribution " + context.z[i].toFixed(3);
@@ -91,8 +99,11 @@ PAGE = r"""<!DOCTYPE html>
     let byZ = startWithZ;
     const paint = () => {
       const values = byZ ? context.z : context.activations;
-      const scale = byZ ? Math.max(...context.z.map(Math.abs)) : maxActivation;
+      const outside = earlier.map(([, value]) => Math.abs(value));
+      const scale = byZ ? Math.max(...context.z.map(Math.abs), ...outside) : maxActivation;
       spans.forEach((span, i) => span.style.background = shade(values[i], scale));
+      earlier.forEach(([span, value]) => span.style.background = byZ ? shade(value, scale) : "transparent");
+      line.querySelectorAll(".earlier").forEach((node) => node.style.display = byZ ? "" : "none");
       line.dataset.mode = byZ ? "z" : "activation";
     };
     line.addEventListener("click", () => { byZ = !byZ; paint(); });

@@ -4,6 +4,7 @@ sorting, no network; the screenshot is kept in test-artifacts/analysis/."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,17 +38,19 @@ def run_chromium(chromium: str, tmp_path: Path, *arguments: str) -> str:
     return result.stdout
 
 
-def context(kind, activation):
+def context(kind, activation, earlier=()):
     return {
         "kind": kind, "row": 3, "position": 4, "focus": 3, "activation": activation, "tokens": [5, 6, 7, 8, 9],
         "activations": [0.0, 0.5, 0.0, activation, 0.2], "z": [0.1, -0.4, 0.0, 1.5, 0.0], "z_total": 1.2,
+        "earlier": [list(e) for e in earlier],
     }
 
 
 def viewer_data():
     heads = [
         {"head": 17, "group": 2, "frequency": 0.01, "mean": 1.5, "scores": {"induction": 0.9, "successor": 0.1},
-         "promoted": [[8, 2.0]], "suppressed": [[9, -1.0]], "contexts": [context("top", 2.5), context("weak", 0.3)]},
+         "promoted": [[8, 2.0]], "suppressed": [[9, -1.0]],
+         "contexts": [context("top", 2.5, [(1, 9, -3.0)]), context("weak", 0.3)]},
         {"head": 3, "group": 0, "frequency": 0.2, "mean": 0.5, "scores": {"induction": 0.05, "successor": 0.7},
          "promoted": [[6, 1.0]], "suppressed": [[7, -0.5]], "contexts": [context("top", 1.0)]},
     ]
@@ -82,3 +85,11 @@ def test_the_z_pattern_view_shades_by_contribution(chromium, page, tmp_path):
     dom = run_chromium(chromium, tmp_path, "--dump-dom", page.as_uri() + "#z")
     assert dom.count('data-mode="z"') == 3
     assert "rgba(40, 110, 255, 0.267)" in dom  # a negative contribution (-0.4 of at most 1.5), in blue
+
+
+def test_tokens_before_the_window_that_contribute_show_in_the_z_pattern_view_only(chromium, page, tmp_path):
+    by_activation = run_chromium(chromium, tmp_path, "--dump-dom", page.as_uri())
+    assert len(re.findall(r'class="tok shaded earlier"[^>]*display: none', by_activation)) == 1
+    by_z = run_chromium(chromium, tmp_path, "--dump-dom", page.as_uri() + "#z")
+    assert '[1]&lt;b&gt;' in by_z and "rgb(40, 110, 255)" in by_z  # the earlier token, position and full blue
+    assert not re.findall(r'class="[^"]*earlier[^"]*"[^>]*display: none', by_z)
