@@ -149,14 +149,18 @@ class LayerBench:
         return call
 
 
-def timed_benchmarks(bench: LayerBench, recorder: Recorder, repeats: int, rates: dict[str, float]) -> None:
-    """Forward and training step of each variant, in fp32 and under bf16 autocast: times and FLOP rates."""
+def timed_benchmarks(
+    bench: LayerBench, recorder: Recorder, repeats: int, rates: dict[str, float], bf16: bool = True
+) -> None:
+    """Forward and training step of each variant, in fp32 and (`bf16`) under bf16 autocast: times, FLOP rates."""
     for op, make, autocast in (
         ("forward", bench.forward, False),
         ("forward", bench.forward, True),
         ("train_step", bench.train_step, False),
         ("train_step", bench.train_step, True),
     ):
+        if autocast and not bf16:
+            continue
         functions = {variant: make(variant, autocast) for variant in bench.variants}
         times = median_times(functions, repeats)
         for variant in bench.variants:
@@ -191,11 +195,11 @@ def peak_memory_benchmarks(bench: LayerBench, recorder: Recorder) -> None:
             parameter.grad = None
 
 
-def profile_benchmarks(bench: LayerBench, recorder: Recorder) -> None:
+def profile_benchmarks(bench: LayerBench, recorder: Recorder, bf16: bool = True) -> None:
     """The dense-FLOP part: FLOPs of the matmuls over the time spent in them, from a profile, against the matmul
     rate measured right before it (other processes on a shared machine change both alike)."""
     for variant in ("sparse", "dense"):
-        for autocast in (False, True):
+        for autocast in (False, True) if bf16 else (False,):
             rate = matmul_rate(torch.bfloat16 if autocast else torch.float32)
             flops, seconds, total, top = dense_part_profile(bench.train_step(variant, autocast))
             recorder.add(
@@ -265,15 +269,16 @@ def decode_step_benchmark(bench: LayerBench, recorder: Recorder, repeats: int) -
     layer.config.cache_format = "values"
 
 
-def layer_benchmarks(case: Case, recorder: Recorder, repeats: int, rates: dict[str, float]) -> None:
+def layer_benchmarks(case: Case, recorder: Recorder, repeats: int, rates: dict[str, float], bf16: bool = True) -> None:
     """Every measurement of one case's layer, in an order that keeps the random inputs of each the same."""
     bench = LayerBench(case)
     for parameter in bench.attention.parameters():
         parameter.requires_grad_(True)
-    timed_benchmarks(bench, recorder, repeats, rates)
+    timed_benchmarks(bench, recorder, repeats, rates, bf16)
     peak_memory_benchmarks(bench, recorder)
-    profile_benchmarks(bench, recorder)
-    bf16_error_benchmark(bench, recorder)
+    profile_benchmarks(bench, recorder, bf16)
+    if bf16:
+        bf16_error_benchmark(bench, recorder)
     decode_step_benchmark(bench, recorder, repeats)
 
 
@@ -370,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the JSON lines to this file")
     parser.add_argument("--no-model-decode", action="store_true", help="skip the whole-model decode step")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip bf16 autocast (for CPUs without bf16 matmuls, where it takes hours)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recorder = Recorder(args.json)
@@ -378,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
                  torch=torch.__version__, python=sys.version.split()[0])
     for name in args.cases:
         case = CASES[name]
-        layer_benchmarks(case, recorder, args.repeats, rates)
+        layer_benchmarks(case, recorder, args.repeats, rates, bf16=not args.no_bf16)
         if case.model_decode and not args.no_model_decode:
             model_decode_benchmark(case, recorder, args.repeats)
     print_table(recorder.rows, rates)
