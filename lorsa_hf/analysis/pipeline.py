@@ -28,6 +28,7 @@ from .report import (
     ReportOptions,
     chosen_heads,
     detection_counts,
+    earlier_contributions,
     head_entries,
     token_strings,
 )
@@ -95,12 +96,9 @@ def z_pattern_window(
     first = max(0, context.position - options.before)
     read = LayerReader(model, module)(torch.tensor([context.token_ids]))
     contributions = z_pattern(module, read.hidden_states, **read.arguments).contributions(context.head)
-    focus = contributions[context.position, :first].abs()
-    strongest = float(contributions[context.position].abs().max())
-    earlier = [int(t) for t in torch.argsort(focus, descending=True, stable=True)[:extra_keys]
-               if strongest > 0 and focus[t] >= fraction * strongest]
+    earlier = earlier_contributions(contributions[context.position], first, context.token_ids, fraction, extra_keys)
     queries = list(range(first, context.position + 1))
-    keys = sorted(earlier) + queries
+    keys = [int(position) for position, _, _ in earlier] + queries
     return contributions[queries][:, keys], queries, keys
 
 
