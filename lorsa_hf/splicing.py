@@ -70,7 +70,14 @@ class LorsaSplicedAttention(nn.Module):
                 f"{type(self.original_module).__name__}.forward takes {len(self._positional_names)} positional "
                 f"arguments but {len(args)} were given."
             )
-        arguments = {**dict(zip(self._positional_names, args, strict=False)), **kwargs}
+        positional = dict(zip(self._positional_names, args, strict=False))
+        twice = positional.keys() & kwargs.keys()
+        if twice:
+            raise TypeError(
+                f"{type(self.original_module).__name__}.forward got multiple values for {sorted(twice)}: pass each "
+                "argument either by position or by name."
+            )
+        arguments = {**positional, **kwargs}
         cache = next((arguments[name] for name in self._cache_arguments if arguments.get(name) is not None), None)
         position_embeddings = arguments.get("position_embeddings") if self.use_base_rotary else None
         output = self.lorsa(

@@ -39,6 +39,17 @@ def test_splice_replaces_exactly_the_chosen_layers(arch):
     }
 
 
+def test_a_spliced_attention_refuses_calls_the_replaced_module_would_refuse(arch):
+    model, _ = spliced_model(arch)
+    module = lorsa_hf.adapters.get_adapter(model).get_attention(model, 0)
+    hidden = torch.zeros(1, 4, model.config.hidden_size)
+    first = module._positional_names[0]
+    with pytest.raises(TypeError, match=rf"multiple values for \['{first}'\]"):
+        module(hidden, **{first: hidden})
+    with pytest.raises(TypeError, match="positional arguments but"):
+        module(*([hidden] * (len(module._positional_names) + 1)))
+
+
 def _attention_prefixes(model):
     adapter = lorsa_hf.adapters.get_adapter(model)
     names = {module: name for name, module in model.named_modules()}
