@@ -112,6 +112,22 @@ class TakeTextSource(TextSource):
         return itertools.islice(self.source.documents(start), max(self.take - start, 0))
 
 
+class RepeatedTextSource(TextSource):
+    """`epochs` passes over another source, read as one document sequence: a run longer than its corpus sees
+    every document once per pass, in the same order, and rows pack across the boundary between passes."""
+
+    def __init__(self, source: TextSource, epochs: int) -> None:
+        self.source, self.epochs = source, epochs
+
+    def documents(self, start: int = 0) -> Iterator[str]:
+        index = 0
+        for _ in range(self.epochs):
+            for text in self.source.documents(0):
+                if index >= start:
+                    yield text
+                index += 1
+
+
 @dataclass
 class PackerState:
     """Where a packer stands: documents fully read, pieces read of the current one, tokens not yet in a row."""
@@ -247,17 +263,23 @@ def text_sources(data: DataSection) -> tuple[TextSource, TextSource]:
     if data.source == "embedded":
         from ..embedded import embedded_corpus
 
-        return ListTextSource(embedded_corpus("train")), ListTextSource(embedded_corpus("heldout"))
+        return _passes(ListTextSource(embedded_corpus("train")), data), ListTextSource(embedded_corpus("heldout"))
     if data.source == "hf":
         train = HFDatasetSource(data.path, data.split, data.config_name, data.text_field, data.streaming)
         if data.heldout_split:
             heldout = HFDatasetSource(data.path, data.heldout_split, data.config_name, data.text_field, data.streaming)
-            return train, heldout
+            return _passes(train, data), heldout
     else:
         train = FileTextSource(data.files, data.text_field)
         if data.heldout_files:
-            return train, FileTextSource(data.heldout_files, data.text_field)
-    return SkipTextSource(train, data.heldout_documents), TakeTextSource(train, data.heldout_documents)
+            return _passes(train, data), FileTextSource(data.heldout_files, data.text_field)
+    heldout = TakeTextSource(train, data.heldout_documents)
+    return _passes(SkipTextSource(train, data.heldout_documents), data), heldout
+
+
+def _passes(train: TextSource, data: DataSection) -> TextSource:
+    """The training text read `data.epochs` times (the held-out text is never repeated)."""
+    return train if data.epochs == 1 else RepeatedTextSource(train, data.epochs)
 
 
 def first_batch(

@@ -12,8 +12,14 @@ import torch
 from transformers import PreTrainedModel
 
 from ..adapters import AttentionWeights, get_adapter
-from ..modeling_lorsa import LorsaLayer
+from ..modeling_lorsa import LorsaForReplacement, LorsaLayer
 from .recipe import InitSection
+
+# What must agree between a saved Lorsa and the recipe's for training to continue from it; `top_k` may change.
+_SAME_GEOMETRY = (
+    "base_model_type", "hidden_size", "n_ov_heads", "n_qk_heads", "d_qk_head", "activation", "attn_scale",
+    "rotary_dim", "rotary_adjacent_pairs", "rope_parameters", "use_qk_norm", "qk_norm_eps",
+)
 
 
 def layer_generator(seed: int, layer: int) -> torch.Generator:
@@ -145,6 +151,37 @@ def freeze_qk(layer: LorsaLayer) -> None:
             parameter.requires_grad_(False)
 
 
+def load_start(source: str, lorsa: LorsaForReplacement) -> LorsaForReplacement:
+    """The saved Lorsa `init.from_pretrained` names, checked against the one being trained: same base model,
+    every trained layer present, the same geometry. Refuses with what differs rather than starting elsewhere."""
+    start = LorsaForReplacement.from_pretrained(source)
+    wanted, found = lorsa.config, start.config
+    problems = [
+        f"{key} is {getattr(found, key)!r} there but {getattr(wanted, key)!r} in the recipe"
+        for key in _SAME_GEOMETRY if getattr(found, key) != getattr(wanted, key)
+    ]
+    missing = [layer for layer in wanted.layers if layer not in found.layers]
+    if missing:
+        problems.append(f"it has no layer {missing} (it replaces layers {found.layers})")
+    names = (found.base_model_name_or_path, wanted.base_model_name_or_path)
+    if None not in names and names[0] != names[1]:
+        problems.append(f"it was trained on {names[0]!r}, the recipe's model is {names[1]!r}")
+    if problems:
+        raise ValueError(
+            f"init.from_pretrained={source!r} cannot start this run: " + "; ".join(problems)
+            + ". Match the recipe's lorsa and model sections to it, or start from the base model (unset it)."
+        )
+    return start
+
+
+def continue_layer(layer: LorsaLayer, start: LorsaForReplacement, options: InitSection) -> None:
+    """Take one layer's weights from a saved Lorsa (cast to this layer's dtype); then `freeze_qk`."""
+    with torch.no_grad():
+        layer.load_state_dict(start.layer(layer.layer_idx).state_dict())
+    if options.freeze_qk:
+        freeze_qk(layer)
+
+
 def initialize_layer(
     layer: LorsaLayer,
     options: InitSection,
@@ -171,6 +208,6 @@ def initialize_layer(
 
 
 __all__ = [
-    "calibrate_output", "copy_base_qk", "freeze_qk", "init_ov_from_base", "initialize_layer", "layer_generator",
-    "random_init",
+    "calibrate_output", "continue_layer", "copy_base_qk", "freeze_qk", "init_ov_from_base", "initialize_layer",
+    "layer_generator", "load_start", "random_init",
 ]

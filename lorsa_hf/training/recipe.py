@@ -60,6 +60,8 @@ class DataSection:
     pack: bool = True
     """Concatenate documents (separated by EOS) and cut fixed-length rows; otherwise one padded row per document."""
     prepend_bos: bool = True
+    epochs: int = 1
+    """Passes over the training text; a run of more tokens than the text holds needs more than one."""
 
 
 @dataclass
@@ -107,6 +109,9 @@ class InitSection:
     """Rescale W_O so the mean output norm matches the mean centred target norm on calibration tokens."""
     freeze_qk: bool = False
     calibration_sequences: int = 8
+    from_pretrained: str | None = None
+    """A saved `LorsaForReplacement` (folder or Hub id) to continue training from: its weights replace the steps
+    above (`qk`, `ov`, `b_o`, `match_norm`); `freeze_qk` still applies."""
 
 
 @dataclass
@@ -242,7 +247,7 @@ def _validate(recipe: Recipe) -> None:
         ("init.calibration_sequences", recipe.init.calibration_sequences),
         ("training.eval_sequences", training.eval_sequences), ("training.dead_tokens", training.dead_tokens),
         ("training.k_initial", training.k_initial), ("training.k_aux", training.k_aux),
-        ("data.heldout_documents", data.heldout_documents),
+        ("data.heldout_documents", data.heldout_documents), ("data.epochs", data.epochs),
         ("store.train_tokens", recipe.store.train_tokens), ("store.shard_mb", recipe.store.shard_mb),
     ):
         if value is not None and value <= 0:

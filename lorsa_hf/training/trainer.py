@@ -30,7 +30,7 @@ from .activations import ActivationSource, load_base_model
 from .checks import check_batch_split, check_k, check_model_fits
 from .data import PackerState, TextSource, batches, first_batch, heldout_batches, loss_mask, packer, text_sources
 from .distributed import ActivationsFn, make_accelerator, make_strategy
-from .init import initialize_layer
+from .init import continue_layer, initialize_layer, load_start
 from .metrics import DeadHeadTracker, LayerStats, MetricsLog, Stats, add_stats, reduce_stats, summarize
 from .recipe import Recipe
 from .schedules import lr_factor, top_k_at
@@ -122,6 +122,11 @@ class LorsaTrainer:
     def _initialize(self) -> None:
         """The recipe's initialisation, from calibration rows at the start of the training text."""
         options, device = self.recipe.init, self.accelerator.device
+        if options.from_pretrained is not None:
+            start = load_start(options.from_pretrained, self.lorsa)
+            for layer in self.owned:
+                continue_layer(self.lorsa.layer(layer), start, options)
+            return
         calibration = None
         if options.b_o == "mean" or options.match_norm:
             if self.store is not None:
@@ -331,7 +336,10 @@ class LorsaTrainer:
                 self.save_checkpoint()
         bar.close()
         if self.step < self.total_steps:
-            acc.print(f"The training text ran out after {self.step} of {self.total_steps} steps; finishing early.")
+            acc.print(
+                f"The training text ran out after {self.step} of {self.total_steps} steps; finishing early "
+                "(data.epochs sets how many passes over it a run makes)."
+            )
         final = {"step": self.step, "tokens": self.step * tokens_per_step, **self.evaluate()}
         final["train/loss"] = self.last_loss
         self.log.write(final, self.step)

@@ -11,6 +11,7 @@ from lorsa_hf.training.data import (
     FileTextSource,
     ListTextSource,
     PackerState,
+    RepeatedTextSource,
     SequencePacker,
     SkipTextSource,
     TakeTextSource,
@@ -18,6 +19,7 @@ from lorsa_hf.training.data import (
     heldout_batches,
     loss_mask,
     packer,
+    text_sources,
 )
 from lorsa_hf.training.recipe import DataSection
 
@@ -120,3 +122,34 @@ def test_heldout_batches_are_whole_batches_covering_eval_sequences(tokenizer):
     assert len(found) == 3 and all(ids.shape == (8, 24) for ids, _ in found)
     with pytest.raises(ValueError, match="hold out more documents"):
         heldout_batches(ListTextSource(["Alice sat"]), tokenizer, data, eval_sequences=8)
+
+
+def test_epochs_read_the_training_text_again_and_never_the_heldout(tmp_path):
+    (tmp_path / "train.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "heldout.txt").write_text("held\n")
+    files = {"files": [str(tmp_path / "train.txt")], "heldout_files": [str(tmp_path / "heldout.txt")]}
+    data = DataSection(source="files", **files)
+    train, heldout = text_sources(DataSection(**{**vars(data), "epochs": 3}))
+    assert list(train.documents()) == ["one", "two", "three"] * 3
+    assert list(train.documents(4)) == ["two", "three", "one", "two", "three"]
+    assert list(heldout.documents()) == ["held"]
+    assert list(text_sources(data)[0].documents()) == ["one", "two", "three"]
+
+
+@pytest.mark.parametrize("where", ["first pass", "at the boundary", "second pass"])
+def test_packing_runs_across_the_pass_boundary_and_resumes_exactly(tokenizer, where):
+    texts = documents()
+    once = list(SequencePacker(ListTextSource(texts), tokenizer, context_length=24))
+    twice = list(SequencePacker(RepeatedTextSource(ListTextSource(texts), 2), tokenizer, context_length=24))
+    assert len(twice) in (2 * len(once), 2 * len(once) + 1) and twice[: len(once)] == once
+    stop = {"first pass": 5, "at the boundary": len(once) - 1, "second pass": len(once) + 7}[where]
+    stream = [t for ids, _ in twice for t in ids[1:]]
+    single = [t for ids, _ in once for t in ids[1:]]
+    assert stream[len(single) : len(single) + 50] != single[:50]  # the leftover tokens carry into the second pass
+    packer = SequencePacker(RepeatedTextSource(ListTextSource(texts), 2), tokenizer, context_length=24)
+    for index, _ in enumerate(packer):
+        if index == stop:
+            break
+    state = PackerState.from_dict(json.loads(json.dumps(packer.state.to_dict())))
+    resumed = SequencePacker(RepeatedTextSource(ListTextSource(texts), 2), tokenizer, context_length=24, state=state)
+    assert list(resumed) == twice[stop + 1 :]

@@ -77,3 +77,45 @@ def test_same_layer_same_init_whatever_else_is_trained(tiny_files, tmp_path):
         values["lorsa"]["layers"] = layers
         starts.append(LorsaTrainer(recipe_from_dict(values)).lorsa.layer(1).state_dict())
     assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+
+
+def test_from_pretrained_continues_from_a_saved_lorsa(tiny_files, tmp_path):
+    """init.from_pretrained starts every layer at the saved weights (bf16 cast up), not at the MHSA init."""
+    first = LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path / "first", init=MHSA)))
+    saved = first.lorsa
+    with torch.no_grad():
+        for parameter in saved.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    saved.to(torch.bfloat16).save_pretrained(tmp_path / "saved")
+    init = {**MHSA, "from_pretrained": str(tmp_path / "saved"), "freeze_qk": True}
+    second = LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path / "second", init=init)))
+    for layer in (0, 1):
+        started, expected = second.lorsa.layer(layer).state_dict(), saved.layer(layer).state_dict()
+        assert all(torch.equal(started[k], expected[k].float()) for k in expected)
+        assert not second.lorsa.layer(layer).W_Q.requires_grad and second.lorsa.layer(layer).W_V.requires_grad
+
+
+@pytest.mark.parametrize(
+    "lorsa,message",
+    [
+        ({"n_ov_heads": 32}, "n_ov_heads is 64 there but 32 in the recipe"),
+        ({"layers": [0, 2]}, r"it has no layer \[2\]"),
+        ({"activation": "topk_relu"}, "activation is 'topk_abs' there"),
+    ],
+)
+def test_from_pretrained_refuses_a_lorsa_of_another_shape(tiny_files, tmp_path, lorsa, message):
+    LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path / "first"))).lorsa.save_pretrained(
+        tmp_path / "saved"
+    )
+    values = tiny_recipe_dict(tiny_files, tmp_path / "second", init={"from_pretrained": str(tmp_path / "saved")})
+    values["lorsa"].update(lorsa)
+    with pytest.raises(ValueError, match=message):
+        LorsaTrainer(recipe_from_dict(values))
+
+
+def test_from_pretrained_refuses_a_lorsa_of_another_base_model(tiny_files, tmp_path):
+    neox = LorsaTrainer(recipe_from_dict(tiny_recipe_dict(tiny_files, tmp_path / "neox", arch="gpt_neox")))
+    neox.lorsa.save_pretrained(tmp_path / "saved")
+    values = tiny_recipe_dict(tiny_files, tmp_path / "llama", init={"from_pretrained": str(tmp_path / "saved")})
+    with pytest.raises(ValueError, match="base_model_type is 'gpt_neox' there but 'llama'"):
+        LorsaTrainer(recipe_from_dict(values))

@@ -48,6 +48,7 @@ def test_overrides_are_parsed_as_yaml():
         ({"lorsa": {}, "training": {"max_steps": 10}}, "Set lorsa.layers"),
         ({**MINIMAL, "data": {"source": "hf"}}, "set data.path"),
         ({**MINIMAL, "data": {"batch_size": 0}}, "data.batch_size must be positive"),
+        ({**MINIMAL, "data": {"epochs": 0}}, "data.epochs must be positive"),
         ({**MINIMAL, "init": {"qk": "copy"}}, "init.qk must be one of ['random', 'base']"),
         ({**MINIMAL, "data": "embedded"}, "Recipe section 'data' must be a mapping"),
         ({**MINIMAL, "lorsa": {"layers": [0], "top_k": "64"}}, "lorsa.top_k must be an integer, got '64'"),
