@@ -191,7 +191,7 @@ class LorsaForReplacement(LorsaPreTrainedModel):
         with tempfile.TemporaryDirectory() as staging:
             self.save_pretrained(staging)
             if source and os.path.isdir(source):
-                for name in publishing.SIDECAR_FILES:
+                for name in (*publishing.SIDECAR_FILES, *publishing.OPTIONAL_FILES):
                     if os.path.isfile(os.path.join(source, name)):
                         shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
             files = publishing.check_sidecars(staging, require=())

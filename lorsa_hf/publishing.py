@@ -19,10 +19,16 @@ WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "training_recipe.json"
 RESULTS_FILE = "results.json"
 CARD_FILE = "README.md"
-PUBLISHED_FILES = (CONFIG_FILE, WEIGHTS_FILE, RECIPE_FILE, RESULTS_FILE, CARD_FILE)
-"""Every file a published Lorsa folder holds, and the only ones uploaded from it."""
+HISTORY_FILE = "training_history.json"
+FINAL_METRICS_FILE = "final_metrics.json"
+"""What a training run's final/ folder holds beside its recipe (not published: the card reports it)."""
 SIDECAR_FILES = (RECIPE_FILE, RESULTS_FILE, CARD_FILE)
 """The files beside the weights: how it was trained, how it was evaluated, and the card written from both."""
+OPTIONAL_FILES = (HISTORY_FILE,)
+"""Beside the weights only where they apply: the earlier stages' recipes, where training continued from another
+Lorsa."""
+PUBLISHED_FILES = (CONFIG_FILE, WEIGHTS_FILE, *SIDECAR_FILES, *OPTIONAL_FILES)
+"""Every file a published Lorsa folder may hold, and the only ones uploaded from it."""
 
 TASK_TYPE = "text-generation"
 HEADLINE_RECONSTRUCTION = {"fvu": "FVU", "l0": "L0", "dead_fraction": "dead fraction"}
@@ -96,9 +102,10 @@ def check_sidecars(folder: str | os.PathLike, require: Sequence[str] = SIDECAR_F
     folder = Path(folder)
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, *require) if not (folder / name).is_file()]
     if missing:
+        needed = ", ".join((CONFIG_FILE, WEIGHTS_FILE, *SIDECAR_FILES))
         raise PublishError(
-            f"{folder} has no {', '.join(missing)}: a published Lorsa holds {', '.join(PUBLISHED_FILES)}. Build the "
-            "folder from a training run's final/ folder with `lorsa-hf ship RUN/final OUT`."
+            f"{folder} has no {', '.join(missing)}: a published Lorsa holds {needed}. "
+            "Build the folder from a training run's final/ folder with `lorsa-hf ship RUN/final OUT`."
         )
     card, results = folder / CARD_FILE, folder / RESULTS_FILE
     if card.is_file() != results.is_file():
@@ -152,6 +159,9 @@ def upload_folder(
 __all__ = [
     "CARD_FILE",
     "CONFIG_FILE",
+    "FINAL_METRICS_FILE",
+    "HISTORY_FILE",
+    "OPTIONAL_FILES",
     "PUBLISHED_FILES",
     "RECIPE_FILE",
     "RESULTS_FILE",

@@ -110,25 +110,61 @@ def metric_tables(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def training_section(recipe: dict[str, Any] | None, training_metrics: dict[str, Any] | None = None) -> list[str]:
-    """How the Lorsa was trained, from its `training_recipe.json` (and `final_metrics.json` when given)."""
-    if not recipe:
-        return ["No training recipe was given with this Lorsa.", ""]
+def _stage_tokens(stage: dict[str, Any]) -> int | None:
+    """Tokens per layer of one training stage: as its run reported, else as its recipe asked."""
+    metrics, recipe = stage.get("final_metrics") or {}, stage.get("recipe") or {}
+    tokens = metrics.get("tokens", recipe.get("training", {}).get("total_tokens"))
+    return tokens if isinstance(tokens, int) else None
+
+
+def _recipe_sentence(recipe: dict[str, Any], file: str | None = None) -> str:
+    """One stage's recipe in a sentence (naming the `file` that holds it, when given)."""
     data, lorsa, training, init = (recipe.get(key, {}) for key in ("data", "lorsa", "training", "init"))
-    tokens = training.get("total_tokens")
+    tokens, epochs = training.get("total_tokens"), data.get("epochs", 1)
     where = f"{data.get('source')}{' ' + data['path'] if data.get('path') else ''}"
-    text = (
-        f"Trained with `lorsa-hf train` (recipe `{recipe.get('name')}`, in `training_recipe.json`) on activations "
-        f"of the frozen base model `{recipe.get('model', {}).get('name')}`, data `{where}`: "
+    k_initial = training.get("k_initial")
+    schedule = (
+        f"K annealed from {k_initial} to {lorsa.get('top_k')} over the first {training.get('k_anneal_fraction')} "
+        "of training" if k_initial else f"K {lorsa.get('top_k')} throughout"
+    )
+    start = (
+        f"starting from the Lorsa `{init['from_pretrained']}` (a warm restart: fresh Adam and schedules)"
+        if init.get("from_pretrained") else f"MHSA initialisation (QK {init.get('qk')}, OV {init.get('ov')})"
+    )
+    held = f", in `{file}`" if file else ""
+    return (
+        f"Trained with `lorsa-hf train` (recipe `{recipe.get('name')}`{held}) on activations of the frozen base "
+        f"model `{recipe.get('model', {}).get('name')}`, data `{where}`"
+        f"{f' ({epochs} passes over its training text)' if epochs != 1 else ''}: "
         f"{f'{tokens:,}' if tokens else 'the recipe’s'} tokens, every layer on the same pass, rows of "
         f"{data.get('context_length')} tokens in batches of {data.get('batch_size')}. MSE objective, Adam at lr "
         f"{training.get('lr')} ({training.get('lr_decay')} decay, warm-up fraction {training.get('warmup_fraction')}),"
-        f" K annealed from {training.get('k_initial')} to {lorsa.get('top_k')} over the first "
-        f"{training.get('k_anneal_fraction')} of training, auxiliary dead-head loss {training.get('aux_loss_coef')},"
-        f" MHSA initialisation (QK {init.get('qk')}, OV {init.get('ov')}), mixed precision "
+        f" {schedule}, auxiliary dead-head loss {training.get('aux_loss_coef')}, {start}, mixed precision "
         f"`{training.get('mixed_precision')}`, seed {training.get('seed')}."
     )
-    lines = [text, ""]
+
+
+def training_section(
+    recipe: dict[str, Any] | None, training_metrics: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
+) -> list[str]:
+    """How the Lorsa was trained, from its `training_recipe.json` (and `final_metrics.json` when given), after
+    the earlier stages of `training_history.json` when it continued from another Lorsa."""
+    if not recipe:
+        return ["No training recipe was given with this Lorsa.", ""]
+    lines = []
+    if history:
+        lines += [f"Trained in {len(history) + 1} stages; the earlier ones are in `training_history.json`:", ""]
+        for number, stage in enumerate(history, 1):
+            described = _recipe_sentence(stage["recipe"]) if stage.get("recipe") else "No recipe was recorded."
+            lines += [f"{number}. `{stage.get('source')}`: {described}"]
+        lines += [f"{len(history) + 1}. This run, in `training_recipe.json`: {_recipe_sentence(recipe)}", ""]
+        counts = [_stage_tokens(stage) for stage in [*history, {"recipe": recipe, "final_metrics": training_metrics}]]
+        if None not in counts:
+            parts = " + ".join(f"{count:,}" for count in counts)
+            lines += [f"In all, {sum(counts):,} training tokens per layer ({parts}).", ""]
+    else:
+        lines += [_recipe_sentence(recipe, "training_recipe.json"), ""]
     if training_metrics:
         fvu = training_metrics.get("heldout/fvu")
         lines += [
@@ -164,9 +200,10 @@ def model_card(
     recipe: dict[str, Any] | None = None,
     training_metrics: dict[str, Any] | None = None,
     datasets: Sequence[str] | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> str:
     """The model card text for the Lorsa evaluated in `results` (a dict or a `results.json` path), trained
-    with `recipe` (the `training_recipe.json` content) when given."""
+    with `recipe` (the `training_recipe.json` content) after the earlier stages of `history` when given."""
     if not isinstance(results, dict):
         results = load_results(results)
     results = _json_ready(results)
@@ -197,7 +234,7 @@ def model_card(
         *metric_tables(results),
         "## Training",
         "",
-        *training_section(recipe, training_metrics),
+        *training_section(recipe, training_metrics, history),
     ]
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
     out += [f"Evaluated by the lorsa_hf eval suite ({versions}) on {results['created']}.", ""]

@@ -40,10 +40,11 @@ def register_ship(subparsers: argparse._SubParsersAction) -> None:
             print(f"error: {error}", file=sys.stderr)
             return 2
         out = Path(args.out)
-        size = sum((out / name).stat().st_size for name in PUBLISHED_FILES) / 2**20
+        files = [name for name in PUBLISHED_FILES if (out / name).is_file()]
+        size = sum((out / name).stat().st_size for name in files) / 2**20
         for layer, metrics in results["reconstruction"].items():
             print(f"layer {layer}: FVU {metrics['fvu']:.4f}, L0 {metrics.get('l0', float('nan')):.1f}")
-        print(f"wrote {out} ({', '.join(PUBLISHED_FILES)}; {size:.1f} MiB)")
+        print(f"wrote {out} ({', '.join(files)}; {size:.1f} MiB)")
         return 0
 
     parser.set_defaults(func=run)

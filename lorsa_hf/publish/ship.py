@@ -18,10 +18,17 @@ from ..evals.options import EvalOptions
 from ..evals.report import write_results
 from ..evals.runner import EMBEDDED, evaluate_lorsa, write_outputs
 from ..io import atomic_save_directory
-from ..publishing import CARD_FILE, RECIPE_FILE, RESULTS_FILE, PublishError, check_sidecars
+from ..publishing import (
+    CARD_FILE,
+    FINAL_METRICS_FILE,
+    HISTORY_FILE,
+    RECIPE_FILE,
+    RESULTS_FILE,
+    PublishError,
+    check_sidecars,
+)
 from .push import check_loadable
 
-FINAL_METRICS_FILE = "final_metrics.json"
 SHIP_OPTIONS = EvalOptions(n_tokens=8_192, mean_tokens=2_048, lm_eval_limit=100)
 """What the shipped results.json is measured with by default: as the report in docs/reports/."""
 
@@ -44,10 +51,11 @@ def ship_run(
     license: str | None = "apache-2.0",
 ) -> dict[str, Any]:
     """Write `out_dir` from the training run folder `final_dir` (config.json, model.safetensors,
-    training_recipe.json): the weights cast to `dtype`, the recipe, `results.json` of `evaluate_lorsa` on the
-    cast weights (against `base`, on `texts` or the embedded held-out split) and the README.md card written
-    from both. With `report_dir`, the full eval report goes there too. The folder appears in one rename, and
-    is checked as `lorsa-hf push` checks it. Returns the results."""
+    training_recipe.json, and training_history.json after a continued run): the weights cast to `dtype`, the
+    recipe and history, `results.json` of `evaluate_lorsa` on the cast weights (against `base`, on `texts` or
+    the embedded held-out split) and the README.md card written from them. With `report_dir`, the full eval
+    report goes there too. The folder appears in one rename, and is checked as `lorsa-hf push` checks it.
+    Returns the results."""
     final_dir, out_dir = Path(final_dir), Path(out_dir)
     recipe = _read_json(final_dir / RECIPE_FILE)
     if recipe is None:
@@ -60,6 +68,9 @@ def ship_run(
         staging = Path(staging)
         lorsa.save_pretrained(staging)
         shutil.copyfile(final_dir / RECIPE_FILE, staging / RECIPE_FILE)
+        history = _read_json(final_dir / HISTORY_FILE)
+        if history is not None:
+            shutil.copyfile(final_dir / HISTORY_FILE, staging / HISTORY_FILE)
         shipped = check_loadable(staging)
         shipped.name_or_path = out_dir.name
         results = evaluate_lorsa(base, shipped, options, tokenizer=tokenizer, texts=texts)
@@ -67,6 +78,7 @@ def ship_run(
         write_model_card(
             results, staging / CARD_FILE, repo_id=repo_id, license=license, recipe=recipe,
             training_metrics=_read_json(final_dir / FINAL_METRICS_FILE),
+            history=(history or {}).get("stages"),
         )
         check_sidecars(staging)
     if report_dir is not None:

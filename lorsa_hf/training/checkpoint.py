@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..io import atomic_save_directory, atomic_write_text
 from ..modeling_lorsa import LorsaForReplacement
+from ..publishing import FINAL_METRICS_FILE, HISTORY_FILE, RECIPE_FILE
 from .data import PackerState
 from .recipe import Recipe, RecipeError
 
@@ -198,13 +199,18 @@ def flatten_recipe(values: dict[str, Any], prefix: str = "", scalars_only: bool 
     return flat
 
 
-def save_final_folder(folder: Path, lorsa: LorsaForReplacement, recipe: Recipe, metrics: dict[str, Any]) -> None:
-    """`final/`: a `LorsaForReplacement` folder plus `training_recipe.json` and `final_metrics.json`, in place
-    in one rename."""
+def save_final_folder(
+    folder: Path, lorsa: LorsaForReplacement, recipe: Recipe, metrics: dict[str, Any],
+    history: list[dict[str, Any]] | None = None,
+) -> None:
+    """`final/`: a `LorsaForReplacement` folder plus `training_recipe.json` and `final_metrics.json` (and, for a
+    run continued from an earlier Lorsa, `training_history.json` with the earlier stages), in place in one rename."""
     with atomic_save_directory(folder) as staging:
         lorsa.save_pretrained(staging)
-        write_json_atomic(Path(staging) / "training_recipe.json", recipe.to_dict())
-        write_json_atomic(Path(staging) / "final_metrics.json", metrics)
+        write_json_atomic(Path(staging) / RECIPE_FILE, recipe.to_dict())
+        write_json_atomic(Path(staging) / FINAL_METRICS_FILE, metrics)
+        if history:
+            write_json_atomic(Path(staging) / HISTORY_FILE, {"stages": history})
 
 
 # What a run writes into its output_dir: a folder holding any of these holds a run.

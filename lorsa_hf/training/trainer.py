@@ -30,6 +30,7 @@ from .activations import ActivationSource, load_base_model
 from .checks import check_batch_split, check_k, check_model_fits
 from .data import PackerState, TextSource, batches, first_batch, heldout_batches, loss_mask, packer, text_sources
 from .distributed import ActivationsFn, make_accelerator, make_strategy
+from .history import earlier_stages
 from .init import continue_layer, initialize_layer, load_start
 from .metrics import DeadHeadTracker, LayerStats, MetricsLog, Stats, add_stats, reduce_stats, summarize
 from .recipe import Recipe
@@ -82,6 +83,8 @@ class LorsaTrainer:
         owned_config = copy.deepcopy(self.config)
         owned_config.layers = self.owned
         self.lorsa = LorsaForReplacement(owned_config).to(acc.device)
+        self.history: list[dict[str, Any]] = []
+        """The earlier training stages of the Lorsa `init.from_pretrained` names (empty for a run from scratch)."""
         self._initialize()
         self.module = LorsaTrainingModule(self.lorsa)
         self.strategy.shard(self.module)
@@ -124,6 +127,7 @@ class LorsaTrainer:
         options, device = self.recipe.init, self.accelerator.device
         if options.from_pretrained is not None:
             start = load_start(options.from_pretrained, self.lorsa)
+            self.history = earlier_stages(options.from_pretrained)
             for layer in self.owned:
                 continue_layer(self.lorsa.layer(layer), start, options)
             return
@@ -291,7 +295,7 @@ class LorsaTrainer:
         full = self.full_lorsa()
         folder = self.output_dir / "final"
         if self.accelerator.is_main_process:
-            checkpoint.save_final_folder(folder, full, self.recipe, metrics)
+            checkpoint.save_final_folder(folder, full, self.recipe, metrics, self.history)
         self.accelerator.wait_for_everyone()
         return folder
 

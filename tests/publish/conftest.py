@@ -22,12 +22,19 @@ def base_model(tokenizer):  # noqa: F811
     return make_lm("llama", tokenizer)
 
 
-def write_run_final(folder: Path, model) -> Path:
-    """What `lorsa-hf train` leaves in `output_dir/final`: the Lorsa, its recipe and its final metrics."""
+def write_run_final(folder: Path, model, continued: bool = True) -> Path:
+    """What `lorsa-hf train` leaves in `output_dir/final`: the Lorsa, its recipe and its final metrics; when
+    `continued`, a run that started from an earlier Lorsa (`init.from_pretrained`), with that one's history."""
     lorsa = make_lorsa(model.config, LAYERS)
     lorsa.config.base_model_name_or_path = "tiny-llama"
     lorsa.save_pretrained(folder)
-    recipe = load_recipe("smollm2-135m", [f"lorsa.layers={LAYERS}", "training.total_tokens=4096"]).to_dict()
+    overrides = [f"lorsa.layers={LAYERS}", "training.total_tokens=4096"]
+    first = load_recipe("smollm2-135m", [*overrides, "training.total_tokens=2048"]).to_dict()
+    if continued:
+        overrides += ["init.from_pretrained=runs/first/final", "data.epochs=2", "training.k_initial=null"]
+        stage = {"source": "runs/first/final", "recipe": first, "final_metrics": {"step": 1, "tokens": 2048}}
+        (folder / "training_history.json").write_text(json.dumps({"stages": [stage]}))
+    recipe = load_recipe("smollm2-135m", overrides).to_dict()
     (folder / "training_recipe.json").write_text(json.dumps(recipe))
     (folder / "final_metrics.json").write_text(json.dumps({"step": 2, "tokens": 4096, "heldout/fvu": 0.5}))
     return folder

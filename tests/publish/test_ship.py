@@ -13,8 +13,16 @@ from safetensors import safe_open
 from lorsa_hf import LorsaForReplacement
 from lorsa_hf.cli import main
 from lorsa_hf.publish import ship_run
-from lorsa_hf.publishing import PUBLISHED_FILES, PublishError, card_mismatches, check_sidecars, headline_metrics
-from tests.publish.conftest import LAYERS, TINY_OPTIONS
+from lorsa_hf.publishing import (
+    OPTIONAL_FILES,
+    PUBLISHED_FILES,
+    PublishError,
+    card_mismatches,
+    check_sidecars,
+    headline_metrics,
+)
+from tests.evals.conftest import sample_texts
+from tests.publish.conftest import LAYERS, TINY_OPTIONS, write_run_final
 
 
 def test_the_folder_holds_bf16_weights_recipe_results_and_card(shipped, run_final):
@@ -88,3 +96,23 @@ def test_cli_ship_offline(run_final, base_model, tokenizer, tmp_path, capsys):
     assert (tmp_path / "report" / "report.md").is_file()
     assert f"wrote {tmp_path / 'out'}" in capsys.readouterr().out
     assert main(["ship", str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
+
+
+def test_a_continued_run_ships_its_history_and_the_card_tells_every_stage(shipped, run_final):
+    assert (shipped / "training_history.json").read_bytes() == (run_final / "training_history.json").read_bytes()
+    card = (shipped / "README.md").read_text()
+    assert "Trained in 2 stages; the earlier ones are in `training_history.json`:" in card
+    assert "1. `runs/first/final`: Trained with `lorsa-hf train`" in card and "2,048 tokens" in card
+    assert "starting from the Lorsa `runs/first/final` (a warm restart: fresh Adam and schedules)" in card
+    assert "(2 passes over its training text)" in card and "K 64 throughout" in card
+    assert "In all, 6,144 training tokens per layer (2,048 + 4,096)." in card
+
+
+def test_a_run_from_scratch_ships_no_history(tmp_path, base_model, tokenizer):
+    run = write_run_final(tmp_path / "final", base_model, continued=False)
+    ship_run(run, tmp_path / "out", base=base_model, tokenizer=tokenizer, texts=sample_texts(), options=TINY_OPTIONS)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        name for name in PUBLISHED_FILES if name not in OPTIONAL_FILES
+    )
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "stages" not in card and "in `training_recipe.json`" in card and "K annealed from 512 to 64" in card
