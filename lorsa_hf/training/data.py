@@ -259,27 +259,28 @@ def packer(
 
 
 def text_sources(data: DataSection) -> tuple[TextSource, TextSource]:
-    """(training, held-out) text for a recipe's `data` section; the two never share a document."""
+    """(training, held-out) text for a recipe's `data` section; the two never share a document, and the
+    training text is read `data.epochs` times (the held-out text never repeats)."""
+    train, heldout = _split_sources(data)
+    return (train if data.epochs == 1 else RepeatedTextSource(train, data.epochs)), heldout
+
+
+def _split_sources(data: DataSection) -> tuple[TextSource, TextSource]:
+    """One pass of the training text, and the held-out text."""
     if data.source == "embedded":
         from ..embedded import embedded_corpus
 
-        return _passes(ListTextSource(embedded_corpus("train")), data), ListTextSource(embedded_corpus("heldout"))
+        return ListTextSource(embedded_corpus("train")), ListTextSource(embedded_corpus("heldout"))
     if data.source == "hf":
         train = HFDatasetSource(data.path, data.split, data.config_name, data.text_field, data.streaming)
         if data.heldout_split:
             heldout = HFDatasetSource(data.path, data.heldout_split, data.config_name, data.text_field, data.streaming)
-            return _passes(train, data), heldout
+            return train, heldout
     else:
         train = FileTextSource(data.files, data.text_field)
         if data.heldout_files:
-            return _passes(train, data), FileTextSource(data.heldout_files, data.text_field)
-    heldout = TakeTextSource(train, data.heldout_documents)
-    return _passes(SkipTextSource(train, data.heldout_documents), data), heldout
-
-
-def _passes(train: TextSource, data: DataSection) -> TextSource:
-    """The training text read `data.epochs` times (the held-out text is never repeated)."""
-    return train if data.epochs == 1 else RepeatedTextSource(train, data.epochs)
+            return train, FileTextSource(data.heldout_files, data.text_field)
+    return SkipTextSource(train, data.heldout_documents), TakeTextSource(train, data.heldout_documents)
 
 
 def first_batch(
