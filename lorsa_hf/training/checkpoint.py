@@ -115,8 +115,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainer_state(step: int, recipe: Recipe, world_size: int, packer_state: PackerState) -> dict[str, Any]:
-    """`trainer_state.json`: where the run stands, and the recipe it must resume with."""
+def trainer_state(
+    step: int, recipe: Recipe, world_size: int, packer_state: PackerState, history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """`trainer_state.json`: where the run stands, the recipe it must resume with, and the earlier training
+    stages as the run found them when it started (a resume keeps them even if the start folder changed)."""
     return {
         "step": step,
         "tokens": step * recipe.tokens_per_step,
@@ -125,6 +128,7 @@ def trainer_state(step: int, recipe: Recipe, world_size: int, packer_state: Pack
         "world_size": world_size,
         "distribute": recipe.training.distribute,
         "recipe": recipe.to_dict(),
+        "history": history,
     }
 
 

@@ -265,7 +265,9 @@ class LorsaTrainer:
 
         def write(folder: Path) -> None:
             if acc.is_main_process:
-                state = checkpoint.trainer_state(self.step, self.recipe, self.world_size, self.packer_state)
+                state = checkpoint.trainer_state(
+                    self.step, self.recipe, self.world_size, self.packer_state, self.history
+                )
                 checkpoint.write_main_files(folder, full, state, self.dead_heads.tokens_since_fired)
             if self.strategy.writes_training_state:
                 checkpoint.write_training_state(folder, self.rank, optimizer_state, self.scheduler.state_dict())
@@ -288,6 +290,7 @@ class LorsaTrainer:
         self.dead_heads.tokens_since_fired = checkpoint.read_dead_tracker(folder)
         self.step = state["step"]
         self.packer_state = PackerState.from_dict(state["data"])
+        self.history = state.get("history", self.history)
 
     def save_final(self, metrics: dict[str, Any]) -> Path:
         """`output_dir/final`: a `LorsaForReplacement` folder plus `training_recipe.json` and

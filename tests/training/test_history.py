@@ -38,3 +38,22 @@ def test_a_start_without_a_recipe_is_one_stage_of_unknown_training(tiny_files, t
     assert earlier_stages(str(tmp_path / "imported")) == [
         {"source": str(tmp_path / "imported"), "recipe": None, "final_metrics": None}
     ]
+
+
+def test_a_resumed_run_keeps_the_history_it_started_with(tiny_files, tmp_path):
+    """The stages are read once, when the run starts; a start folder changed before --resume does not rewrite them."""
+    first = _train(tiny_files, tmp_path / "first")
+    training = {**SHORT, "max_steps": 4, "checkpoint_every": 2}
+    values = tiny_recipe_dict(tiny_files, tmp_path / "second", init={"from_pretrained": str(first)}, training=training)
+    killed = LorsaTrainer(recipe_from_dict(values))
+    for ids, attention, state in killed.train_batches():
+        killed.train_step(ids, attention)
+        killed.packer_state = state
+        if killed.step == 2:
+            killed.save_checkpoint()
+            break
+    recipe = json.loads((first / "training_recipe.json").read_text())
+    (first / "training_recipe.json").write_text(json.dumps({**recipe, "name": "changed"}))
+    LorsaTrainer(recipe_from_dict(values)).train(resume=True)
+    (stage,) = json.loads((tmp_path / "second" / "final" / "training_history.json").read_text())["stages"]
+    assert stage["recipe"] == recipe
